@@ -1,0 +1,1 @@
+"""Settings, the `fleetwatch` CLI and the local stack that wire every component together."""

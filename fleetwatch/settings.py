@@ -1,0 +1,91 @@
+"""Settings for every Fleetwatch component, read from ``FLEETWATCH_*`` environment variables."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """All knobs in one place; each field maps to ``FLEETWATCH_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="FLEETWATCH_", extra="ignore")
+
+    # Where processes keep their data, logs and pid files (never committed).
+    run_dir: Path = PROJECT_ROOT / ".run"
+    # Where fetched third-party artefacts (Kafka jars) are cached across runs.
+    cache_dir: Path = PROJECT_ROOT / ".cache"
+
+    # Kafka (KRaft, single node by default).
+    kafka_host: str = "127.0.0.1"
+    kafka_port: int = 9092
+    kafka_controller_port: int = 9093
+    kafka_heap: str = "512m"
+    kafka_partitions: int = 4
+    kafka_replication: int = 1
+    kafka_bootstrap: str | None = None
+    topic_prefix: str = ""
+
+    # Mosquitto.
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883
+    mqtt_client_prefix: str = "fleetwatch"
+
+    # Database: SQLite file unless a URL says otherwise.
+    database_url: str | None = None
+    # The project's own PostgreSQL (used by tests and when database_url points at it).
+    pg_port: int = 55432
+    pg_user: str = "fleetwatch"
+    pg_db: str = "fleetwatch"
+
+    # Operator web page / REST API.
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+
+    # Ingest validation.
+    max_payload_bytes: int = 256 * 1024
+    max_samples_per_message: int = 2000
+    max_future_skew_s: float = 300.0
+    max_age_days: float = 400.0
+
+    # Trend detection.
+    trend_window_s: int = 3600
+    trend_history_windows: int = 48
+    trend_min_windows: int = 8
+    trend_safety_margin_h: float = 48.0
+
+    functions_file: Path | None = Field(default=None)
+
+    @property
+    def bootstrap(self) -> str:
+        """Kafka bootstrap servers string."""
+        return self.kafka_bootstrap or f"{self.kafka_host}:{self.kafka_port}"
+
+    @property
+    def db_url(self) -> str:
+        """SQLAlchemy URL of the database in use."""
+        return self.database_url or f"sqlite:///{self.run_dir / 'fleetwatch.db'}"
+
+    @property
+    def pg_url(self) -> str:
+        """URL of the project's own PostgreSQL server."""
+        return f"postgresql+psycopg://{self.pg_user}@127.0.0.1:{self.pg_port}/{self.pg_db}"
+
+    def topic(self, name: str) -> str:
+        """Kafka topic name with the configured prefix (isolates test runs)."""
+        return f"{self.topic_prefix}{name}"
+
+    @cached_property
+    def functions_path(self) -> Path:
+        """The file that declares every function and its event-source mapping."""
+        return self.functions_file or Path(__file__).with_name("functions.toml")
+
+
+def get_settings() -> Settings:
+    """Fresh settings from the current environment."""
+    return Settings()

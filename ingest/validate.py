@@ -1,0 +1,153 @@
+"""Validation and normalisation of v1 telemetry payloads into accepted samples and rejections."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from ingest.contract import PAYLOAD_VERSION, SIGNALS, TRACTOR_ID_RE
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds the validator enforces; set from settings by the bridge."""
+
+    max_payload_bytes: int = 256 * 1024
+    max_samples: int = 2000
+    max_future_skew: timedelta = timedelta(minutes=5)
+    max_age: timedelta = timedelta(days=400)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why (part of) a message was refused: a stable reason code plus a human detail."""
+
+    reason: str
+    detail: str
+    sample_index: int | None = None
+
+
+@dataclass
+class Verdict:
+    """Outcome of validating one MQTT message."""
+
+    tractor_id: str | None = None
+    seq: int | None = None
+    message: dict[str, Any] | None = None  # normalised v1 message holding only the valid samples
+    rejections: list[Rejection] = field(default_factory=list)
+
+    @property
+    def accepted(self) -> bool:
+        """True when at least one sample is forwarded."""
+        return self.message is not None
+
+
+def _reject(reason: str, detail: str, tractor_id: str | None = None, seq: int | None = None) -> Verdict:
+    return Verdict(tractor_id=tractor_id, seq=seq, rejections=[Rejection(reason, detail)])
+
+
+def topic_tractor(topic: str) -> str | None:
+    """Tractor id from ``tractors/{id}/telemetry`` or None when the topic has another shape."""
+    parts = topic.split("/")
+    if len(parts) == 3 and parts[0] == "tractors" and parts[2] == "telemetry":
+        return parts[1]
+    return None
+
+
+def parse_ts(value: object) -> datetime | None:
+    """An ISO-8601 UTC timestamp as an aware datetime, or None when it is not one."""
+    if not isinstance(value, str) or not 20 <= len(value) <= 35:
+        return None
+    try:
+        ts = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if ts.tzinfo is None:
+        return None
+    return ts.astimezone(UTC)
+
+
+def format_ts(ts: datetime) -> str:
+    """Contract timestamp format: ISO-8601 UTC with milliseconds and a Z."""
+    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
+
+
+def _check_sample(raw: object, now: datetime, limits: Limits) -> tuple[dict[str, Any] | None, Rejection | None]:
+    if not isinstance(raw, dict):
+        return None, Rejection("sample_not_object", "each sample must be a JSON object")
+    ts = parse_ts(raw.get("ts"))
+    if ts is None:
+        return None, Rejection("bad_timestamp", "ts must be an ISO-8601 UTC timestamp like 2026-11-27T13:00:00.000Z")
+    if ts > now + limits.max_future_skew:
+        return None, Rejection("timestamp_in_future", f"ts {format_ts(ts)} is ahead of the receive time")
+    if ts < now - limits.max_age:
+        return None, Rejection("timestamp_too_old", f"ts {format_ts(ts)} is older than {limits.max_age.days} days")
+    hours = raw.get("engine_hours")
+    if isinstance(hours, bool) or not isinstance(hours, int | float) or not math.isfinite(hours) \
+            or not 0 <= hours <= 1_000_000:
+        return None, Rejection("bad_engine_hours", "engine_hours must be a finite number in [0, 1000000]")
+    readings = raw.get("readings")
+    if not isinstance(readings, dict) or not readings:
+        return None, Rejection("bad_readings", "readings must be a non-empty object of signal: number")
+    clean: dict[str, float] = {}
+    for name, value in readings.items():
+        signal = SIGNALS.get(name) if isinstance(name, str) else None
+        if signal is None:
+            return None, Rejection("unknown_signal", f"unknown signal {str(name)[:64]!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None, Rejection("bad_reading_type", f"{name} must be a number")
+        if not math.isfinite(value):
+            return None, Rejection("non_finite_reading", f"{name} is NaN or infinite")
+        if not signal.low <= value <= signal.high:
+            detail = f"{name}={value} outside plausible range [{signal.low}, {signal.high}] {signal.unit}"
+            return None, Rejection("reading_out_of_range", detail)
+        clean[name] = float(value)
+    return {"ts": format_ts(ts), "engine_hours": float(hours), "readings": clean}, None
+
+
+def validate(topic: str, payload: bytes, now: datetime | None = None, limits: Limits = Limits()) -> Verdict:
+    """Check one MQTT message against the v1 contract; never raises."""
+    now = now or datetime.now(UTC)
+    if len(payload) > limits.max_payload_bytes:
+        return _reject("payload_too_large", f"{len(payload)} bytes > limit {limits.max_payload_bytes}")
+    topic_id = topic_tractor(topic)
+    if topic_id is None or not TRACTOR_ID_RE.match(topic_id):
+        return _reject("bad_topic", f"topic {topic[:128]!r} is not tractors/<tractor_id>/telemetry")
+    if not payload.strip():
+        return _reject("empty_payload", "payload is empty", topic_id)
+    try:
+        doc = json.loads(payload)
+    except (ValueError, RecursionError) as exc:
+        return _reject("bad_json", f"not valid UTF-8 JSON: {str(exc)[:200]}", topic_id)
+    if not isinstance(doc, dict):
+        return _reject("not_an_object", "payload must be a JSON object", topic_id)
+    if doc.get("v") != PAYLOAD_VERSION or isinstance(doc.get("v"), bool):
+        return _reject("unsupported_version", f"v must be {PAYLOAD_VERSION}", topic_id)
+    tractor_id = doc.get("tractor_id")
+    if not isinstance(tractor_id, str) or not TRACTOR_ID_RE.match(tractor_id):
+        return _reject("bad_tractor_id", "tractor_id must be 1-32 characters of A-Z a-z 0-9 _ -", topic_id)
+    if tractor_id != topic_id:
+        return _reject("tractor_mismatch", f"payload tractor_id {tractor_id!r} differs from topic's {topic_id!r}",
+                       topic_id)
+    seq = doc.get("seq")
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < 2**63:
+        return _reject("bad_seq", "seq must be a non-negative integer", tractor_id)
+    samples = doc.get("samples")
+    if not isinstance(samples, list) or not samples:
+        return _reject("bad_samples", "samples must be a non-empty list", tractor_id, seq)
+    if len(samples) > limits.max_samples:
+        return _reject("too_many_samples", f"{len(samples)} samples > limit {limits.max_samples}", tractor_id, seq)
+    verdict = Verdict(tractor_id=tractor_id, seq=seq)
+    good: list[dict[str, Any]] = []
+    for index, raw in enumerate(samples):
+        sample, problem = _check_sample(raw, now, limits)
+        if problem is not None:
+            verdict.rejections.append(Rejection(problem.reason, problem.detail, index))
+        else:
+            good.append(sample)  # type: ignore[arg-type]
+    if good:
+        verdict.message = {"v": PAYLOAD_VERSION, "tractor_id": tractor_id, "seq": seq, "samples": good}
+    return verdict

@@ -1,0 +1,1 @@
+"""Tractor fleet simulator, scenarios, CSV replay and ground truth."""

@@ -1,0 +1,1 @@
+"""Trend maths, the trend-detecting handler, trend tables and analyst queries."""

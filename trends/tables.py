@@ -1,0 +1,48 @@
+"""Trend tables: closed event-time windows, latest part health, and the detector's persisted state."""
+
+from __future__ import annotations
+
+from sqlalchemy import JSON, Column, DateTime, Float, Index, Integer, MetaData, String, Table
+
+metadata = MetaData()
+
+trend_windows = Table(
+    "trend_windows", metadata,
+    Column("tractor_id", String(32), primary_key=True),
+    Column("signal", String(64), primary_key=True),
+    Column("window_start", DateTime(timezone=True), primary_key=True),
+    Column("window_end", DateTime(timezone=True), nullable=False),
+    Column("count", Integer, nullable=False),
+    Column("mean", Float, nullable=False),
+    Column("min", Float, nullable=False),
+    Column("max", Float, nullable=False),
+    Column("std", Float, nullable=False),
+    Column("norm_value", Float, nullable=True),
+    Column("slope_per_h", Float, nullable=True),
+    Column("slope_lo", Float, nullable=True),
+    Column("slope_hi", Float, nullable=True),
+    Column("quality_flags", String(64), nullable=False, default=""),
+    Index("ix_trend_windows_signal_start", "signal", "window_start"),
+)
+
+part_health = Table(
+    "part_health", metadata,
+    Column("tractor_id", String(32), primary_key=True),
+    Column("part_id", String(64), primary_key=True),
+    Column("signal", String(64), nullable=False),
+    Column("level", Float, nullable=False),
+    Column("health", Float, nullable=False),  # 1 = as new, 0 = at the failure threshold
+    Column("slope_per_h", Float, nullable=True),
+    Column("ttf_h", Float, nullable=True),
+    Column("ttf_lo_h", Float, nullable=True),
+    Column("status", String(16), nullable=False),  # ok | warning | alert
+    Column("as_of", DateTime(timezone=True), nullable=False),
+    Index("ix_part_health_health", "health"),
+)
+
+trend_state = Table(
+    "trend_state", metadata,
+    Column("tractor_id", String(32), primary_key=True),
+    Column("state", JSON, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
