@@ -48,6 +48,21 @@ def _logging() -> None:
 
 # ------------------------------------------------------------------ stack
 @app.command()
+def install() -> None:
+    """Install Mosquitto and PostgreSQL (Debian packages) and fetch the Kafka jars (Maven Central) if missing."""
+    from fleetwatch.stack import Stack, StackError
+
+    stack = Stack(get_settings())
+    try:
+        stack.ensure_debian_packages()
+        with console.status("fetching Kafka jars from Maven Central (first time only)"):
+            libs = stack.kafka_libs()
+    except StackError as exc:
+        _fail(str(exc))
+    console.print(f"Mosquitto and PostgreSQL installed; Kafka jars in {libs}")
+
+
+@app.command()
 def up(workers: Annotated[bool, typer.Option(help="also start bridge, functions and API")] = True) -> None:
     """Install what is missing, start Kafka, Mosquitto (and PostgreSQL when used), migrate, start workers."""
     from fleetwatch.db import upgrade
@@ -121,7 +136,8 @@ def ingest_run() -> None:
                     max_future_skew=timedelta(seconds=s.max_future_skew_s), max_age=timedelta(days=s.max_age_days))
     config = BridgeConfig(mqtt_host=s.mqtt_host, mqtt_port=s.mqtt_port, bootstrap=s.bootstrap,
                           telemetry_topic=s.topic("telemetry"), dlq_topic=s.topic("telemetry.dlq"),
-                          client_id=f"{s.mqtt_client_prefix}-{s.topic_prefix}bridge", limits=limits)
+                          client_id=f"{s.mqtt_client_prefix}-{s.topic_prefix}bridge", limits=limits,
+                          session_expiry_s=s.mqtt_session_expiry_s)
     Bridge(config).run()
 
 

@@ -34,7 +34,7 @@ def alembic_config(url: str) -> Config:
 
 def upgrade(url: str) -> None:
     """Bring the schema to the newest migration and seed the parts catalog."""
-    command.upgrade(alembic_config(url), "head")
+    command.upgrade(alembic_config(url), "heads")
     engine = make_engine(url)
     try:
         seed_catalog(engine, load_catalog(CATALOG))

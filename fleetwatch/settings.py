@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 1883
     mqtt_client_prefix: str = "fleetwatch"
+    # How long Mosquitto keeps the bridge's persistent session (and queues for it) while it is away.
+    mqtt_session_expiry_s: int = 7 * 24 * 3600
 
     # Database: SQLite file unless a URL says otherwise.
     database_url: str | None = None

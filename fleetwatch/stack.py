@@ -224,7 +224,7 @@ class Stack:
             if p.user:
                 lines.append(f"user={p.user}")
             if p.environment:
-                env = ",".join(f'{k}="{v}"' for k, v in sorted(p.environment.items()))
+                env = ",".join(f'{k}="{v.replace("%", "%%")}"' for k, v in sorted(p.environment.items()))
                 lines.append(f"environment={env}")
             lines.append("")
         self.conf.write_text("\n".join(lines))

@@ -1,0 +1,44 @@
+# Fleetwatch: `make demo` and `make test` work on a fresh Debian machine (installs included).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-unit lint down status bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+## install: Python virtualenv + package, Debian packages (Mosquitto, PostgreSQL), Kafka jars from Maven Central
+install: $(STAMP)
+	$(BIN)/fleetwatch install
+
+## demo: start the local stack and run a simulated fleet whose worn parts get ordered
+demo: install
+	$(BIN)/fleetwatch demo
+
+## test: unit, integration (real Kafka, Mosquitto, PostgreSQL) and end-to-end tests
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+## test-unit: only the tests that need no services
+test-unit: $(STAMP)
+	$(BIN)/pytest -m "not services"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+status: $(STAMP)
+	$(BIN)/fleetwatch status
+
+## down: stop every process the demo started
+down: $(STAMP)
+	$(BIN)/fleetwatch down
+
+clean: down
+	rm -rf .run
