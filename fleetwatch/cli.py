@@ -9,7 +9,7 @@ from rich.table import Table
 
 from fleetwatch.cli_functions import functions_app
 from fleetwatch.cli_ingest import ingest_app
-from fleetwatch.cli_orders import api_app, orders_app, orders_rows
+from fleetwatch.cli_orders import api_app, demo_token_path, orders_app, orders_rows, tokens_app
 from fleetwatch.cli_sim import run_simulation, sim_app
 from fleetwatch.common import console, fail, get_settings
 
@@ -22,6 +22,7 @@ app.add_typer(functions_app, name="functions")
 app.add_typer(orders_app, name="orders")
 app.add_typer(db_app, name="db")
 app.add_typer(api_app, name="api")
+app.add_typer(tokens_app, name="tokens")
 
 # ------------------------------------------------------------------ stack
 @app.command()
@@ -129,7 +130,11 @@ def demo(
                       str(o["evidence"].get("first_detected_at", ""))[:16] if o else "—",
                       f"{o['ttf_h'] / 24:.1f} d" if o and o["ttf_h"] is not None else "—")
     console.print(table)
-    console.print(f"Operator page: [bold]http://{s.api_host}:{s.api_port}/[/bold]  (stop everything: fleetwatch down)")
+    token = demo_token_path(s)
+    hint = f"log in with token {token.read_text().strip()} (from {token})" if token.exists() else \
+        "create a token: fleetwatch tokens create --role operator"
+    console.print(f"Operator page: [bold]http://{s.api_host}:{s.api_port}/[/bold]  {hint}  "
+                  "(stop everything: fleetwatch down)", soft_wrap=True)
 
 
 def main() -> None:

@@ -48,6 +48,13 @@ class Settings(BaseSettings):
     # Operator web page / REST API.
     api_host: str = "127.0.0.1"
     api_port: int = 8080
+    # Ordering (issue 7): the API process relays its order outbox to Kafka and sends new-order webhooks;
+    # `fleetwatch api serve` keeps a demo operator token in the run folder unless api_demo_token is off.
+    api_relay: bool = True
+    api_demo_token: bool = True
+    orders_webhook_url: str | None = None
+    orders_webhook_max_attempts: int = 5
+    orders_webhook_timeout_s: float = 5.0
 
     # Ingest validation.
     max_payload_bytes: int = 256 * 1024

@@ -9,10 +9,13 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from functions.model import Context
-from ordering.tables import order_alerts, order_events, orders, parts, tractors
+from ordering.lifecycle import OPEN_STATUSES, ORDERS_TOPIC, Emit, order_document, record_event
+from ordering.tables import order_alerts, order_webhooks, orders, parts, tractors
 
-ORDERS_TOPIC = "orders"
-OPEN_STATUSES = ("placed", "acknowledged", "shipped")
+__all__ = ["ORDERS_TOPIC", "OPEN_STATUSES", "handler", "order_document", "place", "priority"]
+
+EVIDENCE_KEYS = ("signal", "level", "slope_per_h", "slope_ci_per_h", "ttf_h", "ttf_earliest_h", "failure_threshold",
+                 "lead_time_h", "detected_at", "window_ids", "episode_id")
 
 
 def priority(ttf_h: float | None, lead_time_h: float) -> str:
@@ -26,68 +29,64 @@ def priority(ttf_h: float | None, lead_time_h: float) -> str:
     return "P3"
 
 
-def order_document(row: Any) -> dict[str, Any]:
-    """The public JSON shape of an order (API and the ``orders`` topic)."""
-    doc = dict(row._mapping)
-    for k, v in doc.items():
-        if isinstance(v, datetime):
-            doc[k] = v.isoformat()
-    return doc
-
-
-def publish_change(session: Session, emit: Any, order_id: int, kind: str) -> None:
-    """Queue the order's new state on the ``orders`` topic via the outbox (same transaction)."""
-    row = session.execute(select(orders).where(orders.c.id == order_id)).one()
-    emit(ORDERS_TOPIC, row.tractor_id, {"event": kind, "order": order_document(row)})
-
-
 def _ensure_tractor(session: Session, tractor_id: str, now: datetime) -> None:
     if session.execute(select(tractors.c.tractor_id).where(tractors.c.tractor_id == tractor_id)).first() is None:
         session.execute(insert(tractors).values(tractor_id=tractor_id, first_seen=now))
 
 
-def place(session: Session, alert: dict[str, Any], emit: Any, now: datetime | None = None) -> int | None:
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def place(session: Session, alert: dict[str, Any], emit: Emit, now: datetime | None = None) -> int | None:
     """Apply one wear alert; returns the order id (None when the alert was already applied)."""
     now = now or datetime.now(UTC)
-    alert_id = str(alert["alert_id"])
+    for key in ("alert_id", "tractor_id", "part_id"):
+        if not isinstance(alert.get(key), str) or not alert[key]:
+            raise ValueError(f"wear alert misses {key!r}: {str(alert)[:200]}")
+    alert_id = alert["alert_id"]
     if session.execute(select(order_alerts.c.alert_id).where(order_alerts.c.alert_id == alert_id)).first():
         return None
     part = session.execute(select(parts).where(parts.c.part_id == alert["part_id"])).first()
     if part is None:
         raise ValueError(f"alert {alert_id} names unknown part {alert['part_id']!r}")
-    tractor_id = str(alert["tractor_id"])
+    tractor_id = alert["tractor_id"]
     _ensure_tractor(session, tractor_id, now)
-    ttf = alert.get("ttf_h")
-    evidence = {k: alert.get(k) for k in ("signal", "level", "slope_per_h", "slope_ci_per_h", "ttf_h",
-                                          "ttf_earliest_h", "failure_threshold", "lead_time_h", "detected_at",
-                                          "window_ids", "episode_id")}
-    open_order = session.execute(select(orders).where(
-        (orders.c.tractor_id == tractor_id) & (orders.c.part_id == part.part_id)
-        & orders.c.status.in_(OPEN_STATUSES))).first()
-    if open_order is None:
+    ttf = _number(alert.get("ttf_h"))
+    episode_id = str(alert.get("episode_id") or alert_id)
+    evidence = {k: alert.get(k) for k in EVIDENCE_KEYS}
+    key = (orders.c.tractor_id == tractor_id) & (orders.c.part_id == part.part_id)
+    current = session.execute(select(orders).where(key & orders.c.status.in_(OPEN_STATUSES))).first()
+    if current is None:
+        # An operator cancelled this very episode (e.g. as a false alarm): keep the alert with that order
+        # instead of re-ordering; a new episode (after a reset or a quiet spell) orders again.
+        current = session.execute(select(orders).where(key & (orders.c.status == "cancelled")
+                                                       & (orders.c.episode_id == episode_id))
+                                  .order_by(orders.c.id.desc())).first()
+    if current is None:
         evidence["first_detected_at"] = alert.get("detected_at")
         result = session.execute(insert(orders).values(
-            tractor_id=tractor_id, part_id=part.part_id, episode_id=str(alert.get("episode_id", alert_id)),
-            status="placed", priority=priority(ttf, part.lead_time_h), placed_at=now, updated_at=now,
-            alert_count=1, last_alert_at=now, ttf_h=ttf, expected_delivery=now + timedelta(hours=part.lead_time_h),
-            cost_eur=part.price_eur, evidence=evidence))
+            tractor_id=tractor_id, part_id=part.part_id, episode_id=episode_id, status="placed",
+            priority=priority(ttf, part.lead_time_h), placed_at=now, updated_at=now, alert_count=1,
+            last_alert_at=now, ttf_h=ttf, expected_delivery=now + timedelta(hours=part.lead_time_h),
+            cost_eur=part.price_eur, evidence=evidence, signal=part.signal, lead_time_h=part.lead_time_h))
         order_id = int(result.inserted_primary_key[0])
-        kind = "placed"
-        session.execute(insert(order_events).values(order_id=order_id, at=now, kind=kind, actor="ordering.place",
-                                                    from_status=None, to_status="placed",
-                                                    detail={"alert_id": alert_id}))
+        record_event(session, emit, order_id, "placed", "ordering.place", None, "placed",
+                     {"alert_id": alert_id}, now)
+        doc = order_document(session.execute(select(orders).where(orders.c.id == order_id)).one())
+        session.execute(insert(order_webhooks).values(order_id=order_id, payload={"event": "placed", "order": doc},
+                                                      status="pending", attempts=0, next_attempt_at=now,
+                                                      created_at=now))
     else:
-        order_id = int(open_order.id)
-        kind = "alert_repeated"
-        evidence["first_detected_at"] = (open_order.evidence or {}).get("first_detected_at")
-        session.execute(update(orders).where(orders.c.id == order_id).values(
-            alert_count=open_order.alert_count + 1, last_alert_at=now, updated_at=now, ttf_h=ttf,
-            priority=priority(ttf, part.lead_time_h), evidence=evidence))
-        session.execute(insert(order_events).values(order_id=order_id, at=now, kind=kind, actor="ordering.place",
-                                                    from_status=open_order.status, to_status=open_order.status,
-                                                    detail={"alert_id": alert_id, "ttf_h": ttf}))
+        order_id = int(current.id)
+        evidence["first_detected_at"] = (current.evidence or {}).get("first_detected_at")
+        values: dict[str, Any] = {"alert_count": current.alert_count + 1, "last_alert_at": now, "updated_at": now}
+        if current.status != "cancelled":
+            values.update(ttf_h=ttf, priority=priority(ttf, part.lead_time_h), evidence=evidence)
+        session.execute(update(orders).where(orders.c.id == order_id).values(**values))
+        record_event(session, emit, order_id, "alert_repeated", "ordering.place", current.status, current.status,
+                     {"alert_id": alert_id, "ttf_h": ttf}, now)
     session.execute(insert(order_alerts).values(alert_id=alert_id, order_id=order_id, received_at=now))
-    publish_change(session, emit, order_id, kind)
     return order_id
 
 
