@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from sqlalchemy import Select, and_, case, column, func, select, table, update
+from sqlalchemy import DateTime, Float, Integer, Select, String, and_, case, column, func, select, table, update
 from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -37,12 +37,14 @@ STATIC = Path(__file__).with_name("static")
 MAX_INT = 2**62  # keeps ids and offsets inside SQLite/PostgreSQL BIGINT
 
 # Read-only views of the trend engineer's tables (ordering does not import trends).
-part_health = table("part_health", column("tractor_id"), column("part_id"), column("signal"), column("level"),
-                    column("health"), column("slope_per_h"), column("ttf_h"), column("ttf_lo_h"), column("status"),
-                    column("as_of"))
-trend_windows = table("trend_windows", column("tractor_id"), column("signal"), column("window_start"),
-                      column("window_end"), column("count"), column("mean"), column("min"), column("max"),
-                      column("slope_per_h"))
+_TS = DateTime(timezone=True)
+part_health = table("part_health", column("tractor_id", String), column("part_id", String),
+                    column("signal", String), column("level", Float), column("health", Float),
+                    column("slope_per_h", Float), column("ttf_h", Float), column("ttf_lo_h", Float),
+                    column("status", String), column("as_of", _TS))
+trend_windows = table("trend_windows", column("tractor_id", String), column("signal", String),
+                      column("window_start", _TS), column("window_end", _TS), column("count", Integer),
+                      column("mean", Float), column("min", Float), column("max", Float), column("slope_per_h", Float))
 
 SORTS = {"placed_at": orders.c.placed_at, "updated_at": orders.c.updated_at, "priority": orders.c.priority,
          "ttf_h": orders.c.ttf_h, "tractor_id": orders.c.tractor_id, "part_id": orders.c.part_id,
