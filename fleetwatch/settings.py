@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     kafka_heap: str = "512m"
     kafka_partitions: int = 4
     kafka_replication: int = 1
+    # Nodes in the local KRaft cluster (1, or 3 for replication tests; ports step by 10 from kafka_port).
+    kafka_brokers: int = 1
+    kafka_min_insync: int = 1
     kafka_bootstrap: str | None = None
     topic_prefix: str = ""
 
@@ -61,6 +64,13 @@ class Settings(BaseSettings):
     max_samples_per_message: int = 2000
     max_future_skew_s: float = 300.0
     max_age_days: float = 400.0
+    # Ingest bridge (issue 4): workers sharing $share/<group>/tractors/+/telemetry, flow control, metrics, TLS.
+    ingest_workers: int = 1
+    ingest_group: str = "ingest"
+    ingest_max_inflight: int = 1000
+    ingest_metrics_port: int | None = None  # default mqtt_port + 100; worker i listens on port + i
+    mqtt_tls_port: int = 0  # > 0 adds a TLS listener to our Mosquitto (certificates from deploy/mosquitto)
+    mqtt_tls: bool = False  # bridge and simulator connect to the TLS listener, checking the local CA
 
     # Trend detection.
     trend_window_s: int = 3600
@@ -73,7 +83,14 @@ class Settings(BaseSettings):
     @property
     def bootstrap(self) -> str:
         """Kafka bootstrap servers string."""
-        return self.kafka_bootstrap or f"{self.kafka_host}:{self.kafka_port}"
+        if self.kafka_bootstrap:
+            return self.kafka_bootstrap
+        return ",".join(f"{self.kafka_host}:{self.kafka_port + 10 * i}" for i in range(self.kafka_brokers))
+
+    @property
+    def ingest_metrics_base(self) -> int:
+        """HTTP port of bridge worker 0's Prometheus metrics (worker i uses this + i)."""
+        return self.ingest_metrics_port or self.mqtt_port + 100
 
     @property
     def db_url(self) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import getpass
+import base64
 import os
 import shutil
 import socket
@@ -107,62 +107,82 @@ class Stack:
         subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env)
 
     # ---------------------------------------------------------------- configs
-    def _kafka_program(self) -> Program:
-        d = self.run / "kafka"
-        d.mkdir(parents=True, exist_ok=True)
+    def kafka_nodes(self) -> list[tuple[str, int, int]]:
+        """(program name, client port, controller port) of each Kafka node; one node unless a cluster is set."""
         s = self.s
-        props = {
-            "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.voters": f"1@{s.kafka_host}:{s.kafka_controller_port}",
-            "listeners": f"PLAINTEXT://{s.kafka_host}:{s.kafka_port},CONTROLLER://{s.kafka_host}:{s.kafka_controller_port}",
-            "advertised.listeners": f"PLAINTEXT://{s.kafka_host}:{s.kafka_port}",
-            "controller.listener.names": "CONTROLLER",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-            "inter.broker.listener.name": "PLAINTEXT",
-            "log.dirs": str(d / "data"),
-            "num.partitions": str(s.kafka_partitions),
-            "offsets.topic.replication.factor": "1",
-            "offsets.topic.num.partitions": "8",
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
-            "share.coordinator.state.topic.replication.factor": "1",
-            "group.initial.rebalance.delay.ms": "0",
-            "auto.create.topics.enable": "false",
-            "log.retention.hours": "168",
-        }
-        (d / "server.properties").write_text("".join(f"{k}={v}\n" for k, v in props.items()))
-        (d / "log4j2.properties").write_text(
-            "rootLogger.level=INFO\nrootLogger.appenderRef.f.ref=F\n"
-            "appender.f.type=RollingFile\nappender.f.name=F\n"
-            f"appender.f.fileName={d / 'server.log'}\nappender.f.filePattern={d / 'server.log.%i'}\n"
-            "appender.f.layout.type=PatternLayout\nappender.f.layout.pattern=[%d] %p %m (%c)%n\n"
-            "appender.f.policies.type=Policies\nappender.f.policies.size.type=SizeBasedTriggeringPolicy\n"
-            "appender.f.policies.size.size=20MB\nappender.f.strategy.type=DefaultRolloverStrategy\n"
-            "appender.f.strategy.max=3\n"
-        )
+        if s.kafka_brokers == 1:
+            return [("kafka", s.kafka_port, s.kafka_controller_port)]
+        return [(f"kafka-{i}", s.kafka_port + 10 * (i - 1), s.kafka_controller_port + 10 * (i - 1))
+                for i in range(1, s.kafka_brokers + 1)]
+
+    def _kafka_programs(self) -> list[Program]:
+        """One KRaft node per broker (combined broker+controller), formatted on first start."""
+        s = self.s
+        nodes = self.kafka_nodes()
+        replicas = str(min(len(nodes), 3))
+        voters = ",".join(f"{i}@{s.kafka_host}:{cport}" for i, (_, _, cport) in enumerate(nodes, start=1))
         libs = self.kafka_libs()
         java = shutil.which("java") or "java"
-        base = (f"{java} -Xms128m -Xmx{s.kafka_heap} -XX:+UseG1GC -cp '{libs}/*' "
-                f"-Dlog4j2.configurationFile={d / 'log4j2.properties'}")
-        if not (d / "data" / "meta.properties").exists():
-            cluster = subprocess.run(f"{base} kafka.tools.StorageTool random-uuid", shell=True, capture_output=True,
-                                     text=True).stdout.strip().splitlines()
-            cluster_id = cluster[-1] if cluster else uuid.uuid4().hex[:22]
-            fmt = subprocess.run(f"{base} kafka.tools.StorageTool format -t {cluster_id} -c {d / 'server.properties'}",
-                                 shell=True, capture_output=True, text=True)
-            if fmt.returncode != 0:
-                raise StackError(f"formatting Kafka storage failed: {fmt.stdout[-1000:]}{fmt.stderr[-1000:]}")
-        return Program("kafka", f"{base} kafka.Kafka {d / 'server.properties'}", d, stopwaitsecs=60)
+        root = self.run / "kafka"
+        root.mkdir(parents=True, exist_ok=True)
+        id_file = root / "cluster.id"
+        if not id_file.exists():
+            id_file.write_text(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=") + "\n")
+        cluster_id = id_file.read_text().strip()
+        programs = []
+        for node_id, (name, port, cport) in enumerate(nodes, start=1):
+            d = root if len(nodes) == 1 else root / name
+            d.mkdir(parents=True, exist_ok=True)
+            props = {
+                "process.roles": "broker,controller",
+                "node.id": str(node_id),
+                "controller.quorum.voters": voters,
+                "listeners": f"PLAINTEXT://{s.kafka_host}:{port},CONTROLLER://{s.kafka_host}:{cport}",
+                "advertised.listeners": f"PLAINTEXT://{s.kafka_host}:{port}",
+                "controller.listener.names": "CONTROLLER",
+                "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                "inter.broker.listener.name": "PLAINTEXT",
+                "log.dirs": str(d / "data"),
+                "num.partitions": str(s.kafka_partitions),
+                "default.replication.factor": replicas,
+                "min.insync.replicas": str(s.kafka_min_insync),
+                "offsets.topic.replication.factor": replicas,
+                "offsets.topic.num.partitions": "8",
+                "transaction.state.log.replication.factor": replicas,
+                "transaction.state.log.min.isr": str(min(s.kafka_min_insync, len(nodes))),
+                "share.coordinator.state.topic.replication.factor": replicas,
+                "group.initial.rebalance.delay.ms": "0",
+                "auto.create.topics.enable": "false",
+                "unclean.leader.election.enable": "false",
+                "log.retention.hours": "168",
+            }
+            (d / "server.properties").write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+            (d / "log4j2.properties").write_text(
+                "rootLogger.level=INFO\nrootLogger.appenderRef.f.ref=F\n"
+                "appender.f.type=RollingFile\nappender.f.name=F\n"
+                f"appender.f.fileName={d / 'server.log'}\nappender.f.filePattern={d / 'server.log.%i'}\n"
+                "appender.f.layout.type=PatternLayout\nappender.f.layout.pattern=[%d] %p %m (%c)%n\n"
+                "appender.f.policies.type=Policies\nappender.f.policies.size.type=SizeBasedTriggeringPolicy\n"
+                "appender.f.policies.size.size=20MB\nappender.f.strategy.type=DefaultRolloverStrategy\n"
+                "appender.f.strategy.max=3\n"
+            )
+            base = (f"{java} -Xms128m -Xmx{s.kafka_heap} -XX:+UseG1GC -cp '{libs}/*' "
+                    f"-Dlog4j2.configurationFile={d / 'log4j2.properties'}")
+            if not (d / "data" / "meta.properties").exists():
+                fmt_cmd = f"{base} kafka.tools.StorageTool format -t {cluster_id} -c {d / 'server.properties'}"
+                fmt = subprocess.run(fmt_cmd, shell=True, capture_output=True, text=True)
+                if fmt.returncode != 0:
+                    raise StackError(f"formatting Kafka storage failed: {fmt.stdout[-1000:]}{fmt.stderr[-1000:]}")
+            programs.append(Program(name, f"{base} kafka.Kafka {d / 'server.properties'}", d, stopwaitsecs=20))
+        return programs
 
     def _mosquitto_program(self) -> Program:
-        d = self.run / "mosquitto"
-        (d / "data").mkdir(parents=True, exist_ok=True)
-        template = (DEPLOY / "mosquitto" / "mosquitto.conf").read_text()
-        conf = template.format(port=self.s.mqtt_port, host=self.s.mqtt_host, data=d / "data", user=getpass.getuser())
-        (d / "mosquitto.conf").write_text(conf)
+        from fleetwatch.credentials import render_mosquitto_config
+
+        # Config, ACL, password file with the generated service users (bridge, simulator), TLS certificates.
+        conf = render_mosquitto_config(self.s, DEPLOY)
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        return Program("mosquitto", f"{binary} -c {d / 'mosquitto.conf'}", d)
+        return Program("mosquitto", f"{binary} -c {conf}", conf.parent)
 
     def _postgres_program(self) -> Program:
         d = self.run / "postgres"
@@ -191,7 +211,7 @@ class Stack:
         d = self.run / "workers"
         d.mkdir(parents=True, exist_ok=True)
         return [
-            Program("bridge", f"{fw} ingest run", d, environment=env),
+            Program("bridge", f"{fw} ingest run --workers {self.s.ingest_workers}", d, environment=env),
             Program("fn-trends", f"{fw} functions run trends-detect", d, environment=env),
             Program("fn-ordering", f"{fw} functions run ordering-place", d, environment=env),
             Program("api", f"{fw} api serve", d, environment=env),
@@ -201,9 +221,12 @@ class Stack:
         """Write supervisord.conf with the named programs."""
         self.run.mkdir(parents=True, exist_ok=True)
         (self.run / "logs").mkdir(exist_ok=True)
-        builders = {"kafka": self._kafka_program, "mosquitto": self._mosquitto_program,
-                    "postgres": self._postgres_program}
-        programs: list[Program] = [builders[n]() for n in names if n in builders]
+        names = list(names)
+        builders = {"mosquitto": self._mosquitto_program, "postgres": self._postgres_program}
+        programs: list[Program] = []
+        if any(n == "kafka" or n.startswith("kafka-") for n in names):
+            programs += self._kafka_programs()
+        programs += [builders[n]() for n in names if n in builders]
         programs += [p for p in self._worker_programs() if p.name in names]
         lines = [
             "[unix_http_server]", f"file={self.run / 'supervisor.sock'}", "",
@@ -247,7 +270,7 @@ class Stack:
 
     def start(self, names: Iterable[str]) -> None:
         """Start the named programs (idempotent) and wait until each is ready."""
-        names = list(names)
+        names = self._expand(names)
         wanted = sorted(self._configured() | set(names))
         self.write_config(wanted)
         if not self.supervisor_running():
@@ -256,20 +279,32 @@ class Stack:
         else:
             self._ctl("reread")
             self._ctl("update")
-        for name in names:
+        for name in names:  # start all first: a Kafka cluster needs a quorum before any node is ready
             out = self._ctl("start", name)
             if out.returncode != 0 and "already started" not in out.stdout:
                 raise StackError(f"{name} failed to start: {out.stdout.strip()}; see {self.run / 'logs' / name}.log")
+        for name in names:
             self.wait_ready(name)
+
+    def _expand(self, names: Iterable[str]) -> list[str]:
+        """Program names, with "kafka" standing for every Kafka node."""
+        nodes = [n for n, _, _ in self.kafka_nodes()]
+        out: list[str] = []
+        for n in names:
+            out += nodes if n == "kafka" else [n]
+        return list(dict.fromkeys(out))
 
     def wait_ready(self, name: str) -> None:
         """Block until a started component accepts work."""
         s = self.s
-        if name == "kafka":
-            wait_for(lambda: port_open(s.kafka_host, s.kafka_port), "Kafka", 90)
+        ports = {n: p for n, p, _ in self.kafka_nodes()}
+        if name in ports:
+            wait_for(lambda: port_open(s.kafka_host, ports[name]), f"Kafka ({name})", 90)
             wait_for(self._kafka_answers, "Kafka metadata", 60)
         elif name == "mosquitto":
             wait_for(lambda: port_open(s.mqtt_host, s.mqtt_port), "Mosquitto", 30)
+        elif name == "bridge":  # metrics port opens once subscribed: nothing published after this is lost
+            wait_for(lambda: port_open(s.mqtt_host, s.ingest_metrics_base), "ingest bridge", 60)
         elif name == "postgres":
             wait_for(lambda: port_open("127.0.0.1", s.pg_port), "PostgreSQL", 60)
             self._create_pg_database()
@@ -310,14 +345,30 @@ class Stack:
     def stop(self, names: Iterable[str]) -> None:
         """Stop the named programs, leaving the rest running."""
         if self.supervisor_running():
-            for name in names:
+            for name in self._expand(names):
                 self._ctl("stop", name)
 
+    def signal(self, name: str, sig: str) -> None:
+        """Send a signal (e.g. KILL) to one program; supervisord restarts it if it dies unexpectedly."""
+        out = self._ctl("signal", sig, name)
+        if out.returncode != 0:
+            raise StackError(f"could not signal {name}: {out.stdout.strip()}")
+
+    def _supervisord_pid(self) -> int | None:
+        """Pid of this run folder's supervisord while that process is alive."""
+        try:
+            pid = int((self.run / "supervisord.pid").read_text().strip())
+            os.kill(pid, 0)
+            return pid
+        except (OSError, ValueError):
+            return None
+
     def down(self) -> None:
-        """Stop every program and supervisord itself."""
+        """Stop every program and supervisord itself, waiting until the processes are gone."""
         if self.supervisor_running():
             self._ctl("shutdown")
-            wait_for(lambda: not self.supervisor_running(), "supervisord shutdown", 120)
+        if self._supervisord_pid() is not None:
+            wait_for(lambda: self._supervisord_pid() is None, "supervisord shutdown", 180)
 
     def status(self) -> dict[str, str]:
         """State of each configured program, e.g. {'kafka': 'RUNNING'}."""
