@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from functions.filters import FilterError, RecordFilter
+
 
 class ConfigError(ValueError):
     """A functions file that cannot be used, with a message naming the problem."""
@@ -32,11 +34,13 @@ class FunctionConfig(BaseModel):
     bisect_batch_on_error: bool = True
     on_failure_destination: str | None = None
     function_response_types: list[Literal["ReportBatchItemFailures"]] = Field(default_factory=list)
-    filter_criteria: list[dict[str, Any]] = Field(default_factory=list)
+    filter_criteria: list[dict[str, Any] | str] = Field(default_factory=list)
     tumbling_window_s: int = Field(0, ge=0, le=900)
     timeout_s: float = Field(60.0, gt=0, le=900)
     workers_min: int = Field(1, ge=1, le=64)
     workers_max: int = Field(1, ge=1, le=64)
+    scale_lag_per_worker: int = Field(1000, ge=1, description="autoscale: records of lag one worker should carry")
+    scale_interval_s: float = Field(10.0, gt=0, le=3600, description="autoscale: seconds between lag checks")
     transactional: bool = Field(True, description="store offsets in the database in the handler's transaction")
     params: dict[str, Any] = Field(default_factory=dict)
 
@@ -46,7 +50,16 @@ class FunctionConfig(BaseModel):
             raise ValueError("workers_max must be >= workers_min")
         if self.starting_position == "AT_TIMESTAMP" and self.starting_position_timestamp is None:
             raise ValueError("starting_position AT_TIMESTAMP needs starting_position_timestamp")
+        try:
+            RecordFilter(self.filter_criteria)
+        except FilterError as exc:
+            raise ValueError(str(exc)) from exc
         return self
+
+    @property
+    def record_filter(self) -> RecordFilter:
+        """The compiled filter criteria."""
+        return RecordFilter(self.filter_criteria)
 
     @property
     def group(self) -> str:

@@ -52,6 +52,19 @@ def event_record(r: Record) -> dict[str, Any]:
     }
 
 
+def filter_document(r: Record) -> dict[str, Any]:
+    """What filter criteria are matched against: metadata plus the decoded value (as Lambda does for Kafka)."""
+    value = r.json()
+    if value is None and r.value not in (b"null", b" null"):
+        value = r.value.decode("utf-8", "replace")
+    return {
+        "topic": r.topic, "partition": r.partition, "offset": r.offset, "timestamp": r.timestamp,
+        "key": r.key.decode("utf-8", "replace") if r.key is not None else None,
+        "headers": {k: v.decode("utf-8", "replace") for k, v in r.headers},
+        "value": value,
+    }
+
+
 def build_event(records: Sequence[Record], source: str = "fleetwatch:kafka",
                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Group records by ``topic-partition`` the way Lambda's Kafka event does."""
@@ -89,15 +102,32 @@ class Emitted:
     value: dict[str, Any] | bytes
 
 
+class _Capture(logging.Handler):
+    """Keeps the first lines a handler logs during one invocation, for the invocation log."""
+
+    def __init__(self, limit: int = 50) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self.limit = limit
+        self.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.lines) < self.limit:
+            self.lines.append(self.format(record)[:1000])
+
+
 class Context:
     """What a handler gets besides the event: identity, time left, logger, metrics, DB session, emit."""
 
     def __init__(self, function_name: str, timeout_s: float, session: Session | None,
-                 params: dict[str, Any], metrics: Metrics, topic: Callable[[str], str]) -> None:
+                 params: dict[str, Any], metrics: Metrics, topic: Callable[[str], str] = lambda t: t) -> None:
         self.function_name = function_name
         self.aws_request_id = self.request_id = uuid.uuid4().hex
         self._deadline = time.monotonic() + timeout_s
         self.logger = logging.getLogger(f"fleetwatch.fn.{function_name}")
+        if self.logger.level == logging.NOTSET:
+            self.logger.setLevel(logging.INFO)  # like Lambda: INFO lines of a handler reach its log
+        self.captured = _Capture()
         self.metrics = metrics
         self.session = session
         self.params = params

@@ -1,16 +1,22 @@
-"""Event-source-mapping semantics: batch, invoke, retry, bisect, on-failure, checkpoint."""
+"""Event-source-mapping semantics: filter, age out, batch, invoke, retry, bisect, on-failure, windows, checkpoint.
+
+The Invoker knows nothing about Kafka: it gets polled batches (sorted by topic, partition, offset) and a
+Checkpointer that makes offsets durable, so every rule here is unit-testable with an in-memory source.
+"""
 
 from __future__ import annotations
 
+import base64
 import importlib
 import json
 import logging
+import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -20,57 +26,114 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from functions import store
 from functions.config import FunctionConfig
-from functions.model import Context, Handler, Metrics, Record, build_event
+from functions.model import Context, Handler, Metrics, Record, build_event, filter_document
+from functions.store import Fenced
 
 log = logging.getLogger("fleetwatch.functions")
+TP = tuple[str, int]
+Window = tuple[int, Any]  # (window start in ms, state)
+BACKOFF_BASE_S = 0.05
+BACKOFF_MAX_S = 5.0
+
+__all__ = ["Checkpointer", "Fenced", "InvocationTimeout", "Invoker", "MemoryCheckpointer", "Stopped",
+           "failure_document", "load_handler"]
 
 
-class InvocationTimeout(Exception):
-    """The handler ran past the function's timeout."""
+class InvocationTimeout(BaseException):
+    """The handler ran past the function's timeout (a BaseException: a handler's ``except Exception`` can't eat it)."""
+
+
+class Stopped(Exception):
+    """The worker was asked to stop while a final window invocation was still being retried."""
 
 
 class Checkpointer(Protocol):
-    """Makes a batch's effects and its consumed offsets durable together."""
+    """Makes a batch's effects, its consumed offsets and its window state durable together."""
 
-    def commit(self, session: Session | None, offsets: dict[tuple[str, int], int]) -> None:
-        """Persist offsets (inside ``session``'s transaction when there is one)."""
+    def commit(self, session: Session | None, offsets: dict[TP, int], expected: dict[TP, int | None],
+               windows: dict[TP, Window | None]) -> None:
+        """Persist (inside ``session``'s transaction when there is one); raise Fenced if offsets moved."""
 
 
-class FailureSink(Protocol):
-    """Receives records the function gave up on, with the reason."""
+class DbCheckpointer:
+    """Stores offsets and window state in the database, in the same transaction as the handler's writes."""
 
-    def __call__(self, records: Sequence[Record], reason: str, detail: str) -> None:
-        """Deliver the records to the on-failure destination."""
+    def __init__(self, group: str) -> None:
+        self.group = group
+
+    def commit(self, session: Session | None, offsets: dict[TP, int], expected: dict[TP, int | None],
+               windows: dict[TP, Window | None]) -> None:
+        """Compare-and-set offsets, store window state, commit the transaction."""
+        assert session is not None, "a transactional function needs a database session"
+        store.advance_offsets(session, self.group, offsets, expected)
+        for (topic, partition), window in windows.items():
+            store.save_window_state(session, self.group, topic, partition, window)
+        session.commit()
+
+
+@dataclass
+class MemoryCheckpointer:
+    """Offsets and window state in memory: for tests and for functions without database effects."""
+
+    offsets: dict[TP, int] = field(default_factory=dict)
+    windows: dict[TP, Window] = field(default_factory=dict)
+    commits: int = 0
+
+    def commit(self, session: Session | None, offsets: dict[TP, int], expected: dict[TP, int | None],
+               windows: dict[TP, Window | None]) -> None:
+        """Record offsets and window state (commits the session's transaction when given one)."""
+        for tp, before in expected.items():
+            if tp in offsets and self.offsets.get(tp) != before:
+                raise Fenced(f"{tp} moved away from {before}")
+        self.offsets.update(offsets)
+        for tp, window in windows.items():
+            if window is None:
+                self.windows.pop(tp, None)
+            else:
+                self.windows[tp] = window
+        self.commits += 1
+        if session is not None:
+            session.commit()
 
 
 def load_handler(path: str) -> Handler:
-    """Import ``module.path:function``."""
+    """Import ``module.path:function``, with a clear error when it is not there."""
     module, _, attr = path.partition(":")
-    return getattr(importlib.import_module(module), attr)
+    try:
+        handler = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ImportError(f"handler {path!r} cannot be imported: {exc}") from exc
+    if not callable(handler):
+        raise ImportError(f"handler {path!r} is not callable")
+    return handler
 
 
-def failure_document(fn: FunctionConfig, r: Record, reason: str, detail: str) -> dict[str, Any]:
-    """On-failure destination record: what failed, why, and the original payload."""
-    import base64
-
+def failure_document(fn: FunctionConfig, r: Record, condition: str, detail: str, group: str = "",
+                     attempts: int = 0) -> dict[str, Any]:
+    """On-failure destination record: what failed, why, where it came from, and the original payload."""
     return {
+        "version": "1.0",
         "function": fn.name,
-        "reason": reason,
+        "condition": condition,
+        "reason": condition,
         "detail": detail[:2000],
+        "approximate_invoke_count": attempts,
+        "consumer_group": group or fn.group,
         "topic": r.topic,
         "partition": r.partition,
         "offset": r.offset,
         "timestamp": r.timestamp,
         "key_b64": base64.b64encode(r.key).decode() if r.key is not None else None,
         "value_b64": base64.b64encode(r.value).decode(),
+        "value_json": r.json(),
         "headers": [[k, base64.b64encode(v).decode()] for k, v in r.headers],
         "failed_at": datetime.now(UTC).isoformat(),
     }
 
 
 @contextmanager
-def _time_limit(seconds: float):  # noqa: ANN202 - generator context manager
-    """Raise InvocationTimeout in the main thread after ``seconds`` (no-op elsewhere)."""
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raise InvocationTimeout in the main thread after ``seconds`` (elsewhere the caller checks afterwards)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -87,141 +150,399 @@ def _time_limit(seconds: float):  # noqa: ANN202 - generator context manager
         signal.signal(signal.SIGALRM, previous)
 
 
-def _next_offsets(records: Sequence[Record]) -> dict[tuple[str, int], int]:
-    offsets: dict[tuple[str, int], int] = {}
-    for r in records:
-        key = (r.topic, r.partition)
-        offsets[key] = max(offsets.get(key, 0), r.offset + 1)
-    return offsets
-
-
 @dataclass
 class Stats:
-    """Per-function counters, reported by ``fleetwatch functions stats``."""
+    """Per-worker counters (the database keeps the per-function totals)."""
 
     invocations: int = 0
     errors: int = 0
+    timeouts: int = 0
     records_in: int = 0
     failed_records: int = 0
     filtered_records: int = 0
     expired_records: int = 0
+    windows_closed: int = 0
+
+
+@dataclass
+class _Outcome:
+    ok: bool
+    failed: set[tuple[str, int, int]] = field(default_factory=set)
+    error: str | None = None
 
 
 class Invoker:
-    """Runs one function over batches with Lambda's retry/bisect/on-failure rules; no Kafka inside."""
+    """Runs one function over batches with Lambda's event-source-mapping rules; no Kafka inside."""
 
     def __init__(self, fn: FunctionConfig, handler: Handler, checkpointer: Checkpointer,
-                 on_failure: FailureSink, sessions: sessionmaker[Session] | None = None,
+                 sessions: sessionmaker[Session] | None = None, *,
+                 log_sessions: sessionmaker[Session] | None = None,
+                 send: Callable[[str, bytes | None, bytes], None] | None = None,
                  topic: Callable[[str], str] = lambda t: t, publish: Callable[[], None] | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.time,
+                 group: str | None = None, worker: str | None = None,
+                 should_stop: Callable[[], bool] = lambda: False) -> None:
         self.fn = fn
         self.handler = handler
         self.checkpointer = checkpointer
-        self.on_failure = on_failure
-        self.sessions = sessions
+        self.sessions = sessions  # effects (and offsets) in the handler's transaction when set
+        self.log_sessions = log_sessions or sessions  # where invocation logs go (None: only the logger)
+        self.send = send
         self.topic = topic
         self.publish = publish or (lambda: None)
         self.sleep = sleep
+        self.clock = clock
+        self.group = group or fn.group
+        self.worker = worker or f"{os.uname().nodename}:{os.getpid()}"
+        self.should_stop = should_stop
+        self.filter = fn.record_filter
         self.metrics = Metrics()
         self.stats = Stats()
         self.durations_ms: list[float] = []
+        self.failures: list[dict[str, Any]] = []  # on-failure documents sent by this worker (last 1000)
+        # Stored next offset per owned partition (None: nothing stored yet), and the open window per partition.
+        self.positions: dict[TP, int | None] = {}
+        self.windows: dict[TP, Window] = {}
+        self._done: set[tuple[str, int, int]] = set()
+        self._todo: dict[TP, list[int]] = {}
+        self._cursor: dict[TP, int] = {}
+        self._unlogged_filtered = 0
+
+    # -------------------------------------------------------------- ownership
+    def assign(self, positions: dict[TP, int | None], windows: dict[TP, Window] | None = None) -> None:
+        """Take ownership of partitions whose stored offsets (and open windows) are given."""
+        self.positions.update(positions)
+        for tp in positions:
+            self.windows.pop(tp, None)
+        self.windows.update(windows or {})
+
+    def revoke(self, partitions: Sequence[TP]) -> None:
+        """Forget partitions another member now owns."""
+        for tp in partitions:
+            self.positions.pop(tp, None)
+            self.windows.pop(tp, None)
 
     # -------------------------------------------------------------- public
     def process(self, records: Sequence[Record]) -> None:
-        """Handle one polled batch to completion: every record ends committed or on-failure."""
+        """Handle one polled batch to completion: every record ends committed, filtered or on-failure.
+
+        Raises Fenced when another member took a partition (the caller re-seeks) and OperationalError when
+        the database is unreachable (the caller rewinds to the stored offsets).
+        """
         if not records:
             return
         self.stats.records_in += len(records)
-        self._run(list(records))
-        self.publish()
-
-    # -------------------------------------------------------------- internals
-    def _invoke(self, records: Sequence[Record]) -> tuple[set[tuple[str, int, int]] | None, str | None]:
-        """Invoke once; commit on success. Returns (failed item ids or None, error text or None)."""
-        session = self.sessions() if self.sessions else None
-        ctx = Context(self.fn.name, self.fn.timeout_s, session, self.fn.params, self.metrics, self.topic)
-        started = time.monotonic()
-        outcome, detail, failed_items = "ok", None, None
+        self._todo, self._cursor, self._done = {}, {}, set()
+        for r in records:
+            self._todo.setdefault((r.topic, r.partition), []).append(r.offset)
+        for tp in self._todo:
+            self._cursor[tp] = 0
         try:
-            with _time_limit(self.fn.timeout_s):
-                response = self.handler(build_event(records), ctx)
-            failed_items = self._item_failures(response, records)
-            offsets = _next_offsets(records)
-            if failed_items:
-                offsets = self._checkpoint_before(records, failed_items)
-                outcome = "partial"
-            if session is not None:
-                for e in ctx.emitted:
-                    store.enqueue(session, self.fn.name, e.topic, e.key, e.value)
-                self._log_invocation(session, ctx, started, len(records), outcome, None)
-            elif ctx.emitted:
-                raise RuntimeError("emitting needs a transactional function (the outbox lives in the database)")
-            self.checkpointer.commit(session, offsets)
-        except Exception as exc:  # noqa: BLE001 - a handler may raise anything; it's an error outcome
-            if isinstance(exc, OperationalError):  # database unreachable or locked: not the records' fault
-                if session is not None:
-                    session.rollback()
-                raise
-            outcome, detail = ("timeout" if isinstance(exc, InvocationTimeout) else "error"), repr(exc)[:2000]
-            if session is not None:
-                session.rollback()
-            self.stats.errors += 1
-            ctx.logger.warning("invocation %s failed: %s", ctx.request_id, detail)
-            self._log_failure(ctx, started, len(records), outcome, detail)
-            return None, detail
+            accepted = self._apply_filter(records)
+            if self.fn.tumbling_window_s > 0:
+                self._run_windows(accepted)
+            else:
+                self._run(accepted)
+            self._commit_leftovers()
         finally:
-            if session is not None:
-                session.close()
-            self.stats.invocations += 1
-            self.durations_ms.append((time.monotonic() - started) * 1000)
-            if len(self.durations_ms) > 10_000:
-                del self.durations_ms[:5_000]
-        return failed_items, None
+            self.publish()
 
-    def _run(self, records: list[Record]) -> None:
+    def tick(self) -> None:
+        """Close tumbling windows whose end has passed (called between polls)."""
+        if self.fn.tumbling_window_s <= 0:
+            return
+        now_ms = int(self.clock() * 1000)
+        width = self.fn.tumbling_window_s * 1000
+        for tp, (start, _) in sorted(self.windows.items()):
+            if start + width <= now_ms:
+                self._finalize(tp)
+
+    # -------------------------------------------------------------- batch shaping
+    def _apply_filter(self, records: Sequence[Record]) -> list[Record]:
+        if not self.filter:
+            return list(records)
+        accepted: list[Record] = []
+        for r in records:
+            if self.filter.matches(filter_document(r)):
+                accepted.append(r)
+            else:
+                self._done.add((r.topic, r.partition, r.offset))
+        dropped = len(records) - len(accepted)
+        self.stats.filtered_records += dropped
+        self._unlogged_filtered += dropped
+        return accepted
+
+    def _drop_expired(self, records: list[Record]) -> list[Record]:
+        """Send records older than the maximum record age to the on-failure destination; keep the rest."""
+        if self.fn.maximum_record_age_s < 0 or not records:
+            return records
+        oldest_ok = int(self.clock() * 1000) - self.fn.maximum_record_age_s * 1000
+        expired = [r for r in records if r.timestamp < oldest_ok]
+        if not expired:
+            return records
+        self.stats.expired_records += len(expired)
+        self._give_up(expired, "RecordAgeExceeded", f"older than {self.fn.maximum_record_age_s}s", 0)
+        return [r for r in records if r.timestamp >= oldest_ok]
+
+    # -------------------------------------------------------------- retry / bisect
+    def _run(self, records: list[Record], window: TP | None = None) -> None:
         attempts = 0
         while records:
-            failed_items, error = self._invoke(records)
-            if error is None and not failed_items:
+            records = self._drop_expired(records)
+            if not records:
                 return
-            if error is None and failed_items:
-                # Partial failure: committed up to the lowest failed record per partition; retry from there.
-                resume = self._checkpoint_before(records, failed_items)
-                records = [r for r in records if r.offset >= resume.get((r.topic, r.partition), r.offset + 1)]
-                error = "batch item failures reported"
+            outcome = self._invoke(records, window)
             attempts += 1
+            if outcome.ok and not outcome.failed:
+                return
+            error = outcome.error or ""
+            if outcome.failed:
+                # Checkpoint at the lowest failed offset per partition; only the rest is retried.
+                resume = self._lowest_failed(records, outcome.failed)
+                prefix = [r for r in records if r.offset < resume.get((r.topic, r.partition), r.offset + 1)]
+                records = [r for r in records if r.offset >= resume.get((r.topic, r.partition), r.offset + 1)]
+                if prefix and self.sessions is not None:
+                    # The handler's transaction was rolled back: run the good prefix alone so its effects land once.
+                    self._run(prefix, window)
+                error = "batchItemFailures: " + ", ".join(f"{t}-{p}:{o}" for t, p, o in sorted(outcome.failed))
             retries = self.fn.maximum_retry_attempts
             if retries < 0 or attempts <= retries:
-                self.sleep(min(0.05 * 2 ** (attempts - 1), 5.0))
+                self.sleep(min(BACKOFF_BASE_S * 2 ** (attempts - 1), BACKOFF_MAX_S))
                 continue
             if self.fn.bisect_batch_on_error and len(records) > 1:
                 half = len(records) // 2
-                self._run(records[:half])
-                self._run(records[half:])
+                self._run(records[:half], window)
+                self._run(records[half:], window)
                 return
-            self._give_up(records, "retries_exhausted", error or "")
+            self._give_up(records, "RetryAttemptsExhausted", error, attempts)
             return
 
-    def _give_up(self, records: Sequence[Record], reason: str, detail: str) -> None:
-        """Send records to the on-failure destination, then move the checkpoint past them."""
-        self.on_failure(records, reason, detail)
-        self.stats.failed_records += len(records)
+    @staticmethod
+    def _lowest_failed(records: Sequence[Record], failed: set[tuple[str, int, int]]) -> dict[TP, int]:
+        resume: dict[TP, int] = {}
+        for r in records:
+            resume[(r.topic, r.partition)] = r.offset + 1
+        for t, p, o in failed:
+            resume[(t, p)] = min(resume[(t, p)], o)
+        return resume
+
+    # -------------------------------------------------------------- one invocation
+    def _invoke(self, records: Sequence[Record], window: TP | None = None, final: bool = False) -> _Outcome:
+        """Invoke once; on success commit effects, offsets and window state together."""
+        session = self.sessions() if self.sessions else None
+        ctx = Context(self.fn.name, self.fn.timeout_s, session, self.fn.params, self.metrics, self.topic)
+        extra = self._window_fields(window, final) if window else None
+        started_at, started = datetime.now(UTC), time.monotonic()
+        ctx.logger.addHandler(ctx.captured)
+        log.debug("START RequestId: %s Function: %s Records: %d", ctx.request_id, self.fn.name, len(records))
+        outcome, detail, failed = "ok", None, set()
+        try:
+            try:
+                with _time_limit(self.fn.timeout_s):
+                    response = self.handler(build_event(records, extra=extra), ctx)
+                if time.monotonic() - started > self.fn.timeout_s:
+                    raise InvocationTimeout(f"invocation exceeded {self.fn.timeout_s:g}s")
+                if session is not None:
+                    session.flush()  # ORM writes fail here, as the handler's error, not at commit
+                failed = self._item_failures(response, records)
+                new_state = self._new_state(response) if window else None
+            except (Exception, InvocationTimeout) as exc:  # noqa: BLE001 - any handler error is an error outcome
+                if isinstance(exc, OperationalError):  # database unreachable: not the records' fault
+                    raise
+                outcome = "timeout" if isinstance(exc, InvocationTimeout) else "error"
+                detail = f"{type(exc).__name__}: {exc}"[:2000]
+                if session is not None:
+                    if isinstance(exc, InvocationTimeout):
+                        session.invalidate()  # the connection may have been interrupted mid-protocol
+                    else:
+                        session.rollback()
+                self.stats.errors += 1
+                self.stats.timeouts += outcome == "timeout"
+                log.warning("%s: invocation %s failed: %s", self.fn.name, ctx.request_id, detail)
+                self._log_separately(ctx, started_at, started, len(records), outcome, detail, records)
+                return _Outcome(ok=False, error=detail)
+            if failed:
+                outcome, detail = "partial", ", ".join(f"{t}-{p}:{o}" for t, p, o in sorted(failed))
+                if session is not None:
+                    session.rollback()
+                    self._log_separately(ctx, started_at, started, len(records), outcome, detail, records)
+                else:  # no transaction to undo: checkpoint before the lowest failed record, as Lambda does
+                    resume = self._lowest_failed(records, failed)
+                    done = [r for r in records if r.offset < resume[(r.topic, r.partition)]]
+                    self._commit(None, done, {})
+                    self._log_separately(ctx, started_at, started, len(records), outcome, detail, records)
+                return _Outcome(ok=True, failed=failed)
+            if ctx.emitted and session is None:
+                raise RuntimeError("emitting needs a transactional function (the outbox lives in the database)")
+            windows: dict[TP, Window | None] = {}
+            if window is not None:
+                windows[window] = None if final else (self.windows[window][0], new_state)
+            if session is not None:
+                for e in ctx.emitted:
+                    store.enqueue(session, self.fn.name, e.topic, e.key, e.value)
+                self._log_row(session, ctx, started_at, started, len(records), outcome, None, records)
+            self._commit(session, records, windows)
+            if session is None:
+                self._log_separately(ctx, started_at, started, len(records), outcome, None, records)
+            return _Outcome(ok=True)
+        finally:
+            ctx.logger.removeHandler(ctx.captured)
+            if session is not None:
+                session.close()
+            self.stats.invocations += 1
+            elapsed = (time.monotonic() - started) * 1000
+            self.durations_ms.append(elapsed)
+            if len(self.durations_ms) > 10_000:
+                del self.durations_ms[:5_000]
+            log.debug("END RequestId: %s", ctx.request_id)
+            log.debug("REPORT RequestId: %s Duration: %.2f ms Records: %d Outcome: %s", ctx.request_id, elapsed,
+                      len(records), outcome)
+
+    def _commit(self, session: Session | None, records: Sequence[Record], windows: dict[TP, Window | None]) -> None:
+        """Checkpoint ``records`` as done (plus window state), atomically with the session's writes."""
+        offsets = self._frontier([(r.topic, r.partition, r.offset) for r in records])
+        expected = {tp: self.positions.get(tp) for tp in offsets}
+        if not offsets and not windows and session is None:
+            return
+        try:
+            self.checkpointer.commit(session, offsets, expected, windows)
+        except Fenced:
+            if session is not None:
+                session.rollback()
+            raise
+        self._done.update((r.topic, r.partition, r.offset) for r in records)
+        self._advance_cursors()
+        self.positions.update(offsets)
+        for tp, window in windows.items():
+            if window is None:
+                self.windows.pop(tp, None)
+            else:
+                self.windows[tp] = window
+
+    def _frontier(self, newly_done: Sequence[tuple[str, int, int]]) -> dict[TP, int]:
+        """Next offsets once ``newly_done`` are done: each partition moves past its contiguous done prefix."""
+        done = self._done | set(newly_done)
+        offsets: dict[TP, int] = {}
+        for tp, todo in self._todo.items():
+            i = self._cursor[tp]
+            while i < len(todo) and (tp[0], tp[1], todo[i]) in done:
+                i += 1
+            if i > self._cursor[tp]:
+                offsets[tp] = todo[i - 1] + 1
+        return offsets
+
+    def _advance_cursors(self) -> None:
+        for tp, todo in self._todo.items():
+            i = self._cursor[tp]
+            while i < len(todo) and (tp[0], tp[1], todo[i]) in self._done:
+                i += 1
+            self._cursor[tp] = i
+
+    def _commit_leftovers(self) -> None:
+        """Commit offsets of records that needed no invocation (filtered out at the end of a batch)."""
+        if not self._frontier([]) and not self._unlogged_filtered:
+            return
         session = self.sessions() if self.sessions else None
         try:
-            self.checkpointer.commit(session, _next_offsets(records))
+            if session is not None and self._unlogged_filtered:
+                self._log_event(session, "filtered", 0, filtered=self._unlogged_filtered)
+            self._commit(session, [], {})
+            if session is None and self._unlogged_filtered:
+                self._log_event_separately("filtered", 0, filtered=self._unlogged_filtered)
+            self._unlogged_filtered = 0
         finally:
             if session is not None:
                 session.close()
 
+    # -------------------------------------------------------------- on-failure
+    def _give_up(self, records: Sequence[Record], condition: str, detail: str, attempts: int) -> None:
+        """Send records to the on-failure destination, then checkpoint past them (one transaction with the DB)."""
+        docs = [failure_document(self.fn, r, condition, detail, self.group, attempts) for r in records]
+        target = self.topic(self.fn.failure_topic)
+        session = self.sessions() if self.sessions else None
+        try:
+            if session is not None:  # through the outbox: the documents leave exactly when the offsets move
+                for r, doc in zip(records, docs, strict=True):
+                    store.enqueue(session, self.fn.name, target, r.key, doc)
+                self._log_event(session, condition, len(records), failed=len(records), detail=detail)
+            else:
+                if self.send is None:
+                    raise RuntimeError(f"{self.fn.name}: no on-failure sender configured")
+                for r, doc in zip(records, docs, strict=True):
+                    self.send(target, r.key, json.dumps(doc).encode())
+            self._commit(session, records, {})
+            if session is None:
+                self._log_event_separately(condition, len(records), failed=len(records), detail=detail)
+        finally:
+            if session is not None:
+                session.close()
+        self.stats.failed_records += len(records)
+        self.failures.extend(docs)
+        del self.failures[:-1000]
+        log.warning("%s: %d record(s) sent to %s (%s): %s", self.fn.name, len(records), target, condition,
+                    detail[:200])
+
+    # -------------------------------------------------------------- tumbling windows
+    def _run_windows(self, records: list[Record]) -> None:
+        width = self.fn.tumbling_window_s * 1000
+        by_tp: dict[TP, list[Record]] = {}
+        for r in records:
+            by_tp.setdefault((r.topic, r.partition), []).append(r)
+        for tp, recs in by_tp.items():
+            group: list[Record] = []
+            for r in recs:
+                start = r.timestamp - r.timestamp % width
+                current = self.windows.get(tp)
+                if current is not None and start > current[0]:
+                    # A record of a later window: finish what we have, then close the current window.
+                    self._run(group, tp)
+                    group = []
+                    self._finalize(tp)
+                    current = None
+                if current is None:
+                    self.windows[tp] = (start, {})
+                group.append(r)
+            self._run(group, tp)
+
+    def _finalize(self, tp: TP) -> None:
+        """Invoke with ``isFinalInvokeForWindow`` until it succeeds, then drop the window's state."""
+        attempts = 0
+        while True:
+            outcome = self._invoke([], tp, final=True)
+            if outcome.ok:
+                self.stats.windows_closed += 1
+                return
+            attempts += 1
+            if self.should_stop():
+                raise Stopped(f"{self.fn.name}: stopped while retrying the final invocation of a window on {tp}")
+            self.sleep(min(BACKOFF_BASE_S * 2 ** (attempts - 1), BACKOFF_MAX_S))
+
+    def _window_fields(self, tp: TP, final: bool) -> dict[str, Any]:
+        start, state = self.windows[tp]
+        end = start + self.fn.tumbling_window_s * 1000
+        iso = lambda ms: datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")  # noqa: E731
+        return {"window": {"start": iso(start), "end": iso(end)}, "state": state, "shardId": f"{tp[0]}-{tp[1]}",
+                "isFinalInvokeForWindow": final, "isWindowTerminatedEarly": False}
+
+    def _new_state(self, response: Any) -> Any:
+        if isinstance(response, dict) and "state" in response:
+            state = response["state"]
+            json.dumps(state)  # must be storable; a TypeError makes this invocation an error
+            return state if state is not None else {}
+        return {}
+
+    # -------------------------------------------------------------- batch item failures
     def _item_failures(self, response: Any, records: Sequence[Record]) -> set[tuple[str, int, int]]:
         if not self.fn.report_item_failures or not isinstance(response, dict):
             return set()
         items = response.get("batchItemFailures") or []
+        if not isinstance(items, list):
+            raise ValueError("batchItemFailures must be a list")
         by_offset = {(str(r.partition), str(r.offset)): r for r in records}
         failed: set[tuple[str, int, int]] = set()
         for item in items:
             ident = str(item.get("itemIdentifier", "")) if isinstance(item, dict) else ""
-            # itemIdentifier is "partition:offset" or "topic-partition:offset"
+            # itemIdentifier is "partition:offset" or "topic-partition:offset" (Lambda's Kafka form)
             part, _, offset = ident.rpartition(":")
             part = part.rsplit("-", 1)[-1]
             r = by_offset.get((part, offset))
@@ -230,35 +551,38 @@ class Invoker:
             failed.add((r.topic, r.partition, r.offset))
         return failed
 
-    @staticmethod
-    def _checkpoint_before(records: Sequence[Record], failed: set[tuple[str, int, int]]) -> dict[tuple[str, int], int]:
-        """Next offset per partition: the lowest failed record where one failed, else past the batch."""
-        offsets = _next_offsets(records)
-        for t, p, o in failed:
-            offsets[(t, p)] = min(offsets[(t, p)], o)
-        return offsets
-
-    def _log_invocation(self, session: Session, ctx: Context, started: float, size: int, outcome: str,
-                        detail: str | None) -> None:
+    # -------------------------------------------------------------- invocation logs
+    def _log_row(self, session: Session, ctx: Context, started_at: datetime, started: float, size: int,
+                 outcome: str, detail: str | None, records: Sequence[Record]) -> None:
+        newest = max((r.timestamp for r in records), default=None)
+        filtered, self._unlogged_filtered = self._unlogged_filtered, 0
         session.execute(insert(store.fn_invocations).values(
-            function=self.fn.name, request_id=ctx.request_id, started_at=datetime.now(UTC),
-            duration_ms=(time.monotonic() - started) * 1000, batch_size=size, outcome=outcome, detail=detail))
+            function=self.fn.name, request_id=ctx.request_id, started_at=started_at,
+            duration_ms=(time.monotonic() - started) * 1000, batch_size=size, outcome=outcome, detail=detail,
+            worker=self.worker, records_failed=0, records_filtered=filtered,
+            iterator_age_ms=int(self.clock() * 1000) - newest if newest is not None else None,
+            log="\n".join(ctx.captured.lines) or None))
 
-    def _log_failure(self, ctx: Context, started: float, size: int, outcome: str, detail: str) -> None:
-        if not self.sessions:
+    def _log_separately(self, ctx: Context, started_at: datetime, started: float, size: int, outcome: str,
+                        detail: str | None, records: Sequence[Record]) -> None:
+        if not self.log_sessions:
             return
-        with self.sessions() as session:
-            self._log_invocation(session, ctx, started, size, outcome, detail)
+        with self.log_sessions() as session:
+            self._log_row(session, ctx, started_at, started, size, outcome, detail, records)
             session.commit()
 
+    def _log_event(self, session: Session, outcome: str, size: int, failed: int = 0, filtered: int = 0,
+                   detail: str | None = None) -> None:
+        """A log row for runtime actions that are not invocations (on-failure, filtered-only commits)."""
+        session.execute(insert(store.fn_invocations).values(
+            function=self.fn.name, request_id="-", started_at=datetime.now(UTC), duration_ms=0.0,
+            batch_size=size, outcome=outcome, detail=detail[:2000] if detail else None, worker=self.worker,
+            records_failed=failed, records_filtered=filtered))
 
-def json_failure_sink(send: Callable[[str, bytes | None, bytes], None], fn: FunctionConfig,
-                      topic: Callable[[str], str]) -> FailureSink:
-    """A FailureSink that writes one JSON document per record to the function's failure topic."""
-
-    def sink(records: Sequence[Record], reason: str, detail: str) -> None:
-        for r in records:
-            doc = failure_document(fn, r, reason, detail)
-            send(topic(fn.failure_topic), r.key, json.dumps(doc).encode())
-
-    return sink
+    def _log_event_separately(self, outcome: str, size: int, failed: int = 0, filtered: int = 0,
+                              detail: str | None = None) -> None:
+        if not self.log_sessions:
+            return
+        with self.log_sessions() as session:
+            self._log_event(session, outcome, size, failed, filtered, detail)
+            session.commit()

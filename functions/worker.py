@@ -3,59 +3,61 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
+from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from functions import store
 from functions.config import FunctionConfig
-from functions.model import Record
-from functions.runtime import Invoker, json_failure_sink, load_handler
+from functions.model import Handler, Record
+from functions.runtime import TP, DbCheckpointer, Fenced, Invoker, Stopped, Window, load_handler
 
 log = logging.getLogger("fleetwatch.functions")
 
 
-class DbCheckpointer:
-    """Stores offsets in the database, in the same transaction as the handler's writes."""
-
-    def __init__(self, group: str) -> None:
-        self.group = group
-
-    def commit(self, session: Session | None, offsets: dict[tuple[str, int], int]) -> None:
-        """Upsert offsets and commit the session's transaction."""
-        assert session is not None, "a transactional function needs a database session"
-        store.save_offsets(session, self.group, offsets)
-        session.commit()
-
-
 class KafkaCheckpointer:
-    """Commits offsets to Kafka (for functions without database effects)."""
+    """Commits offsets to Kafka (for functions without database effects); window state stays in memory."""
 
     def __init__(self, consumer: KafkaConsumer) -> None:
         self.consumer = consumer
 
-    def commit(self, session: Session | None, offsets: dict[tuple[str, int], int]) -> None:
-        """Synchronously commit offsets to the consumer group."""
-        self.consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()})
+    def commit(self, session: Session | None, offsets: dict[TP, int], expected: dict[TP, int | None],
+               windows: dict[TP, Window | None]) -> None:
+        """Synchronously commit offsets to the consumer group; a lost partition raises Fenced."""
+        if not offsets:
+            return
+        try:
+            self.consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()})
+        except CommitFailedError as exc:
+            raise Fenced(str(exc)) from exc
 
 
-class _Seeker(ConsumerRebalanceListener):
-    """On assignment, resume each partition from the database's offsets or the starting position."""
+class _Rebalance(ConsumerRebalanceListener):
+    """Hands partitions to and from the Invoker, positioned at the durable offsets."""
 
     def __init__(self, worker: KafkaWorker) -> None:
         self.worker = worker
 
     def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
-        log.info("%s: partitions revoked %s", self.worker.fn.name, sorted((tp.topic, tp.partition) for tp in revoked))
+        self.worker.generation += 1
+        tps = sorted((tp.topic, tp.partition) for tp in revoked)
+        self.worker.invoker.revoke(tps)
+        if tps:
+            log.info("%s[%s]: partitions revoked %s", self.worker.fn.name, self.worker.worker_id, tps)
 
     def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
-        log.info("%s: partitions assigned %s", self.worker.fn.name, sorted((tp.topic, tp.partition) for tp in assigned))
+        self.worker.generation += 1
+        tps = sorted((tp.topic, tp.partition) for tp in assigned)
+        log.info("%s[%s]: partitions assigned %s", self.worker.fn.name, self.worker.worker_id, tps)
         self.worker.seek(list(assigned))
 
 
@@ -63,26 +65,29 @@ class KafkaWorker:
     """Runs one function as a member of its consumer group until stopped."""
 
     def __init__(self, fn: FunctionConfig, bootstrap: str, sessions: sessionmaker[Session] | None,
-                 topic_prefix: str = "") -> None:
+                 topic_prefix: str = "", worker_id: str | None = None, handler: Handler | None = None) -> None:
         self.fn = fn
         self.prefix = topic_prefix
+        self.log_sessions = sessions
         self.sessions = sessions if fn.transactional else None
+        self.worker_id = worker_id or f"{os.uname().nodename}:{os.getpid()}"
         self.stop_event = threading.Event()
+        self.generation = 0
         self.topics = [self.topic(t) for t in fn.source_topics]
         self.group = self.topic(fn.group)
         self.consumer = KafkaConsumer(
             bootstrap_servers=bootstrap, group_id=self.group, enable_auto_commit=False,
             auto_offset_reset="latest" if fn.starting_position == "LATEST" else "earliest",
             max_poll_records=fn.batch_size, max_poll_interval_ms=max(300_000, int(fn.timeout_s * 4000)),
-            fetch_max_wait_ms=100, session_timeout_ms=20_000, heartbeat_interval_ms=3_000,
-            client_id=f"{self.group}-worker",
+            fetch_max_wait_ms=100, session_timeout_ms=10_000, heartbeat_interval_ms=2_000,
+            client_id=f"{self.group}-{self.worker_id}",
         )
-        self.producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
-                                      linger_ms=5)
+        self.producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5)
         checkpointer = DbCheckpointer(self.group) if self.sessions else KafkaCheckpointer(self.consumer)
-        send = self._send_sync
-        self.invoker = Invoker(fn, load_handler(fn.handler), checkpointer, json_failure_sink(send, fn, self.topic),
-                               self.sessions, self.topic, self.relay)
+        self.invoker = Invoker(fn, handler or load_handler(fn.handler), checkpointer, self.sessions,
+                               log_sessions=self.log_sessions, send=self._send_sync, topic=self.topic,
+                               publish=self.relay, group=self.group, worker=self.worker_id,
+                               should_stop=self.stop_event.is_set)
 
     def topic(self, name: str) -> str:
         """Physical topic (or group) name for a logical one."""
@@ -91,19 +96,37 @@ class KafkaWorker:
     def _send_sync(self, topic: str, key: bytes | None, value: bytes) -> None:
         self.producer.send(topic, key=key, value=value).get(timeout=60)
 
+    # ------------------------------------------------------------------ positions
     def seek(self, partitions: list[TopicPartition]) -> None:
-        """Position partitions at the stored offsets, else at the starting position."""
-        stored: dict[tuple[str, int], int] = {}
+        """Position partitions at the durable offsets, else at the starting position; tell the Invoker."""
+        if not partitions:
+            return
+        stored: dict[TP, int] = {}
+        windows: dict[TP, Window] = {}
         if self.sessions:
             with self.sessions() as session:
                 for topic in {tp.topic for tp in partitions}:
                     stored.update({(topic, p): o for p, o in store.load_offsets(session, self.group, topic).items()})
+                    windows.update({(topic, p): w
+                                    for p, w in store.load_window_states(session, self.group, topic).items()})
+        else:
+            for tp in partitions:
+                committed = self.consumer.committed(tp)
+                if committed is not None:
+                    stored[(tp.topic, tp.partition)] = committed
         fresh = [tp for tp in partitions if (tp.topic, tp.partition) not in stored]
         for tp in partitions:
             if (tp.topic, tp.partition) in stored:
                 self.consumer.seek(tp, stored[(tp.topic, tp.partition)])
-        if not fresh or not self.sessions:
-            return
+        if fresh:
+            self._seek_start(fresh)
+        owned = {(tp.topic, tp.partition) for tp in partitions}
+        self.invoker.assign({tp: stored.get(tp) for tp in owned},
+                            {tp: w for tp, w in windows.items() if tp in owned})
+        if fresh and self.sessions and self.fn.starting_position != "TRIM_HORIZON":
+            self._remember_start(fresh)
+
+    def _seek_start(self, fresh: list[TopicPartition]) -> None:
         if self.fn.starting_position == "TRIM_HORIZON":
             self.consumer.seek_to_beginning(*fresh)
         elif self.fn.starting_position == "LATEST":
@@ -118,58 +141,98 @@ class KafkaWorker:
                 else:
                     self.consumer.seek(tp, hit.offset)
 
+    def _remember_start(self, fresh: list[TopicPartition]) -> None:
+        """Store a LATEST / AT_TIMESTAMP start right away, so a restart does not move it past unread records."""
+        assert self.sessions is not None
+        offsets = {(tp.topic, tp.partition): self.consumer.position(tp) for tp in fresh}
+        with self.sessions() as session:
+            try:
+                store.advance_offsets(session, self.group, offsets, dict.fromkeys(offsets))
+                session.commit()
+            except Fenced:
+                session.rollback()
+                return
+        self.invoker.positions.update(offsets)
+
+    # ------------------------------------------------------------------ outbox
     def relay(self) -> None:
-        """Publish this function's outbox rows, then delete them (at-least-once; ids let readers dedupe)."""
+        """Publish this function's outbox rows in order, then delete them (at-least-once; ids let readers dedupe)."""
         if not self.sessions:
             return
+        table = store.outbox
         while True:
             with self.sessions() as session:
-                rows = store.pending(session, self.fn.name)
+                # FOR UPDATE (ignored by SQLite) keeps two members of one function from publishing the same rows.
+                rows = list(session.execute(select(table).where(table.c.source == self.fn.name)
+                                            .order_by(table.c.id).limit(1000).with_for_update()))
                 if not rows:
                     return
                 futures = [self.producer.send(r.topic, key=r.key, value=r.value,
-                                              headers=[(k, v.encode()) for k, v in (r.headers or {}).items()])
+                                              headers=[(k, str(v).encode()) for k, v in (r.headers or {}).items()])
                            for r in rows]
                 for f in futures:
                     f.get(timeout=60)
                 store.remove(session, [r.id for r in rows])
                 session.commit()
 
+    # ------------------------------------------------------------------ loop
     def _poll_batch(self) -> list[Record]:
+        """Up to batch_size records, waiting at most the batching window once the first record arrived."""
         deadline = time.monotonic() + self.fn.maximum_batching_window_s
         batch: list[Record] = []
+        generation = self.generation
         while len(batch) < self.fn.batch_size and not self.stop_event.is_set():
             left = deadline - time.monotonic()
-            polled = self.consumer.poll(timeout_ms=max(int(left * 1000), 0) if batch else 500,
+            polled = self.consumer.poll(timeout_ms=max(int(left * 1000), 0) if batch else 200,
                                         max_records=self.fn.batch_size - len(batch))
+            if self.generation != generation:
+                # A rebalance happened inside poll(): partitions were re-seeked, earlier records may be stale.
+                batch, generation = [], self.generation
             for recs in polled.values():
-                batch.extend(Record(m.topic, m.partition, m.offset, m.timestamp, m.key, m.value,
+                batch.extend(Record(m.topic, m.partition, m.offset, m.timestamp, m.key, m.value or b"",
                                     tuple((k, v or b"") for k, v in (m.headers or [])))
                              for m in recs)
-            if batch and time.monotonic() >= deadline:
+            if not batch or time.monotonic() >= deadline:
                 break
         batch.sort(key=lambda r: (r.topic, r.partition, r.offset))
         return batch
 
-    def run(self) -> None:
-        """Consume until ``stop_event`` is set."""
-        self.consumer.subscribe(self.topics, listener=_Seeker(self))
+    def run(self, until: Callable[[], bool] | None = None) -> None:
+        """Consume until ``stop_event`` is set (or ``until()`` returns True)."""
+        self.consumer.subscribe(self.topics, listener=_Rebalance(self))
         self.relay()
-        log.info("%s: consuming %s as group %s", self.fn.name, self.topics, self.group)
-        while not self.stop_event.is_set():
-            batch = self._poll_batch()
-            if not batch:
-                continue
+        log.info("%s[%s]: consuming %s as group %s", self.fn.name, self.worker_id, self.topics, self.group)
+        while not self.stop_event.is_set() and not (until and until()):
             try:
+                self.invoker.tick()
+                batch = self._poll_batch()
+                if not batch:
+                    continue
                 self.invoker.process(batch)
+            except Fenced as exc:
+                log.warning("%s[%s]: %s; re-reading positions", self.fn.name, self.worker_id, exc)
+                self._rewind()
+                continue
+            except Stopped:
+                break
             except OperationalError as exc:
                 log.error("%s: database unavailable (%s); rewinding to the stored offsets", self.fn.name, exc)
-                time.sleep(2)
-                self.seek(list(self.consumer.assignment()))
+                self.stop_event.wait(2)
+                self._rewind()
                 continue
-            offsets = {TopicPartition(r.topic, r.partition): OffsetAndMetadata(r.offset + 1, "", -1) for r in batch}
-            if self.sessions:
-                self.consumer.commit_async(offsets)  # for lag visibility only; the database is authoritative
+            if self.sessions:  # lag visibility for Kafka tools only; the database is authoritative
+                offsets = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
+                           for (t, p), o in self.invoker.positions.items() if o is not None}
+                try:
+                    self.consumer.commit_async(offsets)
+                except KafkaError:
+                    pass
+
+    def _rewind(self) -> None:
+        try:
+            self.seek(list(self.consumer.assignment()))
+        except OperationalError as exc:
+            log.error("%s: database still unavailable (%s)", self.fn.name, exc)
 
     def close(self) -> None:
         """Leave the group and release clients."""
