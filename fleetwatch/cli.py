@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from fleetwatch.cli_functions import functions_app
-from fleetwatch.cli_ingest import ingest_app
+from fleetwatch.cli_ingest import devices_app, ingest_app, print_status
 from fleetwatch.cli_orders import api_app, demo_token_path, orders_app, orders_rows, tokens_app
 from fleetwatch.cli_sim import run_simulation, sim_app
 from fleetwatch.common import console, fail, get_settings
@@ -18,6 +18,7 @@ app = typer.Typer(help="Fleetwatch: streaming predictive maintenance for tractor
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(sim_app)
 app.add_typer(ingest_app, name="ingest")
+app.add_typer(devices_app, name="devices")
 app.add_typer(functions_app, name="functions")
 app.add_typer(orders_app, name="orders")
 app.add_typer(db_app, name="db")
@@ -87,6 +88,7 @@ def status() -> None:
     console.print(table)
     console.print(f"Kafka {s.bootstrap} · MQTT {s.mqtt_host}:{s.mqtt_port} · DB {s.db_url} · "
                   f"operator page http://{s.api_host}:{s.api_port}/")
+    print_status(s)
 
 
 @db_app.command("upgrade")

@@ -1,14 +1,21 @@
-"""The MQTT→Kafka bridge: validated telemetry to ``telemetry``, rejections to ``telemetry.dlq``."""
+"""The MQTT→Kafka bridge: validated telemetry to ``telemetry``, rejections to ``telemetry.dlq``, nothing lost.
+
+Delivery: the bridge subscribes at QoS 1 with a persistent MQTT v5 session (clean start off, session
+expiry) and acknowledges (PUBACK) a message only after Kafka acknowledged every record made from it
+(acks=all, idempotent producer). Acks go out in the order messages arrived, so a record Kafka never
+acknowledged holds back every later ack; on a Kafka failure the bridge drops the MQTT connection and the
+broker redelivers everything unacknowledged. Memory stays bounded because the broker sends at most
+``max_inflight`` unacknowledged messages (MQTT v5 Receive Maximum) and the producer buffer is capped.
+"""
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import signal
 import threading
 import time
-from collections import Counter
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -19,204 +26,341 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from ingest.contract import TELEMETRY_TOPIC_FILTER
-from ingest.validate import Limits, Verdict, format_ts, validate
+from ingest.deadletter import dead_letter, encode
+from ingest.metrics import BridgeMetrics
+from ingest.validate import Limits, Rejection, Verdict, topic_tractor, validate
 
 log = logging.getLogger("fleetwatch.ingest")
 
 
 @dataclass(frozen=True)
 class BridgeConfig:
-    """Where the bridge reads from and writes to."""
+    """Where the bridge reads from and writes to, and how it identifies itself."""
 
     mqtt_host: str
     mqtt_port: int
     bootstrap: str
     telemetry_topic: str = "telemetry"
     dlq_topic: str = "telemetry.dlq"
-    client_id: str = "fleetwatch-bridge"
-    shared_group: str | None = None
+    client_id: str = "fleetwatch-bridge-0"
+    # Workers of one group split the stream ($share/<group>/tractors/+/telemetry); None = plain subscription.
+    shared_group: str | None = "ingest"
     max_inflight: int = 1000
     session_expiry_s: int = 7 * 24 * 3600
     limits: Limits = field(default_factory=Limits)
     username: str | None = None
     password: str | None = None
+    ca_file: str | None = None  # connect with TLS, trusting this CA
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    max_inflight_bytes: int = 64 * 1024 * 1024  # Kafka record bytes not yet acknowledged (memory bound)
+    kafka_delivery_timeout_ms: int = 120_000
+
+    @property
+    def subscription(self) -> str:
+        """The MQTT topic filter the bridge subscribes to."""
+        if self.shared_group:
+            return f"$share/{self.shared_group}/{TELEMETRY_TOPIC_FILTER}"
+        return TELEMETRY_TOPIC_FILTER
 
 
-@dataclass
-class BridgeMetrics:
-    """Counters the bridge keeps for status and benchmarks."""
+class _Pending:
+    """One received MQTT message waiting for Kafka to acknowledge its records."""
 
-    received: int = 0
-    forwarded: int = 0
-    acked: int = 0
-    rejected: Counter[str] = field(default_factory=Counter)
-    in_flight: int = 0
-    ack_latency_s_total: float = 0.0
+    __slots__ = ("mid", "qos", "remaining", "started", "generation", "samples", "readings", "dlq", "size")
 
-    def snapshot(self) -> dict[str, Any]:
-        """Plain-dict copy for logs and JSON."""
-        return {"received": self.received, "forwarded": self.forwarded, "acked": self.acked,
-                "rejected": dict(self.rejected), "in_flight": self.in_flight,
-                "ack_latency_ms_avg": 1000 * self.ack_latency_s_total / max(self.acked, 1)}
+    def __init__(self, mid: int, qos: int, remaining: int, generation: int, samples: int, readings: int,
+                 dlq: bool, size: int) -> None:
+        self.mid, self.qos, self.remaining, self.generation = mid, qos, remaining, generation
+        self.started = time.monotonic()
+        self.samples, self.readings, self.dlq, self.size = samples, readings, dlq, size
 
 
-def dlq_record(topic: str, payload: bytes, verdict: Verdict, received_at: datetime) -> list[dict[str, Any]]:
-    """Dead-letter documents for every rejection in a verdict (one per rejected sample)."""
-    return [
-        {
-            "reason": r.reason,
-            "detail": r.detail,
-            "mqtt_topic": topic,
-            "tractor_id": verdict.tractor_id,
-            "seq": verdict.seq,
-            "sample_index": r.sample_index,
-            "received_at": format_ts(received_at),
-            "payload_b64": base64.b64encode(payload).decode(),
-        }
-        for r in verdict.rejections
-    ]
+class AckTracker:
+    """Acknowledges MQTT messages in arrival order, each once all its Kafka records are acknowledged.
+
+    A connection loss starts a new generation: acks still owed for the old connection are dropped, because
+    the broker redelivers those messages (and packet ids may be reused on the new connection).
+    """
+
+    def __init__(self) -> None:
+        self._queue: deque[_Pending] = deque()
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self.generation = 0
+        self.bytes = 0  # size of Kafka records sent and not yet acknowledged
+
+    def add(self, entry: _Pending) -> None:
+        """Track a message before any of its records is sent."""
+        with self._lock:
+            self._queue.append(entry)
+            self.bytes += entry.size
+
+    def wait_for_room(self, limit: int, timeout: float) -> bool:
+        """Block while more than ``limit`` record bytes are unacknowledged; False on timeout."""
+        with self._room:
+            return self._room.wait_for(lambda: self.bytes <= limit, timeout)
+
+    def forget_bytes(self) -> None:
+        """The producer holding the unacknowledged records was replaced: nothing is buffered any more."""
+        with self._room:
+            self.bytes = 0
+            self._room.notify_all()
+
+    def record_done(self, entry: _Pending, ack: Any) -> list[_Pending]:  # noqa: ANN401
+        """Note one acknowledged record; calls ``ack(entry)`` for every message now complete, in order."""
+        released: list[_Pending] = []
+        with self._lock:
+            entry.remaining -= 1
+            if entry.remaining == 0:
+                self.bytes = max(self.bytes - entry.size, 0)
+                self._room.notify_all()
+            if entry.generation != self.generation:
+                return released
+            queue = self._queue
+            while queue and queue[0].remaining <= 0:
+                head = queue.popleft()
+                ack(head)  # under the lock, so PUBACKs leave in arrival order
+                released.append(head)
+        return released
+
+    def reset(self) -> int:
+        """Forget every pending message (the broker will redeliver them); returns how many were dropped."""
+        with self._lock:
+            self.generation += 1
+            dropped = len(self._queue)
+            self._queue.clear()
+            return dropped
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+
+def records_for(verdict: Verdict, topic: str, payload: bytes, received_at: datetime, config: BridgeConfig,
+                ) -> list[tuple[str, bytes | None, bytes]]:
+    """Kafka (topic, key, value) records for one validated MQTT message: telemetry and/or one DLQ document."""
+    records: list[tuple[str, bytes | None, bytes]] = []
+    if verdict.message is not None:
+        records.append((config.telemetry_topic, verdict.tractor_id.encode(),  # type: ignore[union-attr]
+                        json.dumps(verdict.message, separators=(",", ":")).encode()))
+    if verdict.rejections:
+        key_id = verdict.tractor_id or topic_tractor(topic)
+        key = key_id.encode()[:64] if key_id else None
+        records.append((config.dlq_topic, key,
+                        encode(dead_letter(topic, payload, verdict, received_at, config.client_id))))
+    return records
 
 
 class Bridge:
-    """Subscribes at QoS 1 with a persistent session; acks MQTT only after Kafka acks."""
+    """One bridge worker: subscribe, validate, produce to Kafka, acknowledge MQTT after Kafka."""
 
     def __init__(self, config: BridgeConfig) -> None:
         self.config = config
-        self.metrics = BridgeMetrics()
-        self._lock = threading.Lock()
+        self.metrics = BridgeMetrics(config.client_id)
+        self.tracker = AckTracker()
         self._stop = threading.Event()
+        self._closing = False
         self._kafka_failed = threading.Event()
-        self.producer = KafkaProducer(
-            bootstrap_servers=config.bootstrap,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=5,
-            batch_size=256 * 1024,
-            compression_type=None,
-            max_in_flight_requests_per_connection=5,
-            delivery_timeout_ms=120_000,
-            request_timeout_ms=30_000,
-            max_block_ms=60_000,
-        )
+        self._serving_metrics = False
+        self.subscribed = threading.Event()
+        self.producer = self._new_producer()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=config.client_id,
                                   protocol=mqtt.MQTTv5, manual_ack=True)
         if config.username:
             self.client.username_pw_set(config.username, config.password)
+        if config.ca_file:
+            self.client.tls_set(ca_certs=config.ca_file)
         self.client.max_inflight_messages_set(config.max_inflight)
+        self.client.reconnect_delay_set(1, 10)
         self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
         self.client.on_disconnect = self._on_disconnect
 
-    # ------------------------------------------------------------------ MQTT
-    def _subscription(self) -> str:
-        if self.config.shared_group:
-            return f"$share/{self.config.shared_group}/{TELEMETRY_TOPIC_FILTER}"
-        return TELEMETRY_TOPIC_FILTER
+    def _new_producer(self) -> KafkaProducer:
+        return KafkaProducer(
+            bootstrap_servers=self.config.bootstrap,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=5,
+            batch_size=256 * 1024,
+            metrics_enabled=False,
+            max_in_flight_requests_per_connection=5,
+            delivery_timeout_ms=self.config.kafka_delivery_timeout_ms,
+            request_timeout_ms=30_000,
+            max_block_ms=20_000,
+            reconnect_backoff_max_ms=2_000,
+        )
 
-    def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, reason: object,
+    # ------------------------------------------------------------------ MQTT callbacks
+    def _on_connect(self, client: mqtt.Client, userdata: object, flags: Any, reason: Any,  # noqa: ANN401
                     properties: object) -> None:
-        if getattr(reason, "is_failure", False):
+        if reason.is_failure:
             log.error("MQTT connect refused: %s", reason)
             return
-        client.subscribe(self._subscription(), qos=1)
-        log.info("bridge connected, subscribed to %s", self._subscription())
+        self.tracker.reset()
+        client.subscribe(self.config.subscription, qos=1)
+        log.info("bridge %s connected (session present: %s)", self.config.client_id, flags.session_present)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int, reasons: list[Any],
+                      properties: object) -> None:
+        if any(r.is_failure for r in reasons):
+            log.error("subscription to %s refused: %s", self.config.subscription, [str(r) for r in reasons])
+            return
+        self.metrics.connected.set(1)
+        self.subscribed.set()
+        if self.config.metrics_port and not self._serving_metrics:
+            # The endpoint opens once subscribed, so `fleetwatch up` can wait for it as the readiness signal.
+            self._serving_metrics = self.metrics.serve(self.config.metrics_port, self.config.metrics_host)
+        log.info("bridge %s subscribed to %s", self.config.client_id, self.config.subscription)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object, reason: object,
                        properties: object) -> None:
+        self.metrics.connected.set(0)
+        dropped = self.tracker.reset()
+        self.metrics.in_flight.set(0)
         if not self._stop.is_set():
-            log.warning("MQTT disconnected (%s); paho reconnects and the broker redelivers unacked messages",
-                        reason)
+            log.warning("MQTT disconnected (%s); %d unacknowledged messages will be redelivered", reason, dropped)
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        if self._closing:
+            return  # not acknowledged: the broker redelivers it to this session (or the group) later
         received_at = datetime.now(UTC)
-        started = time.monotonic()
-        payload = bytes(msg.payload)
-        verdict = validate(msg.topic, payload, received_at, self.config.limits)
-        records: list[tuple[str, bytes | None, bytes]] = []
-        if verdict.message is not None:
-            key = verdict.tractor_id.encode()  # type: ignore[union-attr]
-            records.append((self.config.telemetry_topic, key, json.dumps(verdict.message,
-                                                                           separators=(",", ":")).encode()))
-        for doc in dlq_record(msg.topic, payload, verdict, received_at):
-            key = verdict.tractor_id.encode() if verdict.tractor_id else None
-            records.append((self.config.dlq_topic, key, json.dumps(doc, separators=(",", ":")).encode()))
-        with self._lock:
-            self.metrics.received += 1
-            self.metrics.in_flight += 1
-            for r in verdict.rejections:
-                self.metrics.rejected[r.reason] += 1
-        pending = [len(records)]
-        mid, qos = msg.mid, msg.qos
-
-        def done(_: object = None) -> None:
-            with self._lock:
-                pending[0] -= 1
-                if pending[0]:
-                    return
-                self.metrics.in_flight -= 1
-                self.metrics.acked += 1
-                self.metrics.forwarded += int(verdict.message is not None)
-                self.metrics.ack_latency_s_total += time.monotonic() - started
-            if qos > 0:
-                client.ack(mid, qos)
-
-        def failed(exc: BaseException) -> None:
-            log.error("Kafka did not acknowledge a record (%s); reconnecting MQTT for redelivery", exc)
-            self._kafka_failed.set()
-
-        for topic, key, value in records:
+        payload = msg.payload
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:
+            topic = bytes(msg._topic).decode("utf-8", errors="replace")
+        try:
+            verdict = validate(topic, payload, received_at, self.config.limits)
+        except Exception as exc:  # a validator bug must neither crash the bridge nor lose the message
+            log.exception("validator failed on a message from %s", topic)
+            verdict = Verdict(rejections=[Rejection("validator_error", f"{type(exc).__name__}: {exc}"[:300])])
+        metrics = self.metrics
+        metrics.received.inc()
+        for r in verdict.rejections:
+            metrics.rejected.labels(r.reason).inc()
+        records = records_for(verdict, topic, payload, received_at, self.config)
+        size = sum(len(v) for _, _, v in records)
+        # Bounded memory: past the byte limit, stop reading from the broker (it stops sending once Receive
+        # Maximum messages are unacknowledged) until Kafka catches up; give up on Kafka failure or shutdown.
+        while not self.tracker.wait_for_room(max(self.config.max_inflight_bytes - size, 0), 0.5):
+            if self._kafka_failed.is_set() or self._closing or self._stop.is_set():
+                return  # not acknowledged: redelivered after recovery
+        samples = verdict.message["samples"] if verdict.message else []
+        entry = _Pending(msg.mid, msg.qos, len(records), self.tracker.generation, len(samples),
+                         sum(len(s["readings"]) for s in samples), bool(verdict.rejections), size)
+        self.tracker.add(entry)
+        metrics.in_flight.inc()
+        done = self._record_done
+        for topic_name, key, value in records:
             try:
-                future = self.producer.send(topic, key=key, value=value)
-            except Exception as exc:  # buffer full or Kafka unreachable for max_block_ms
-                failed(exc)
+                future = self.producer.send(topic_name, key=key, value=value)
+            except Exception as exc:  # producer buffer full for max_block_ms, or the producer was closed
+                self._kafka_failure(exc)
                 return
-            future.add_callback(done).add_errback(failed)
+            future.add_callback(done, entry).add_errback(self._kafka_failure)
+
+    def _ack(self, entry: _Pending) -> None:
+        if entry.qos > 0:
+            self.client.ack(entry.mid, entry.qos)
+
+    def _record_done(self, entry: _Pending, _metadata: object = None) -> None:
+        for e in self.tracker.record_done(entry, self._ack):
+            m = self.metrics
+            m.acked.inc()
+            m.in_flight.dec()
+            m.ack_latency.observe(time.monotonic() - e.started)
+            if e.samples:
+                m.forwarded.inc()
+                m.samples.inc(e.samples)
+                m.readings.inc(e.readings)
+            if e.dlq:
+                m.dead_lettered.inc()
+
+    def _kafka_failure(self, exc: BaseException) -> None:
+        if not self._kafka_failed.is_set():
+            log.error("Kafka did not acknowledge a record (%s); holding acks and reconnecting for redelivery", exc)
+            self.metrics.kafka_failures.inc()
+        self._kafka_failed.set()
 
     # ------------------------------------------------------------------ run
-    def run(self) -> None:
-        """Serve until SIGTERM/SIGINT; reconnects on Kafka failure so nothing unacked is lost."""
+    def _connect_properties(self) -> Properties:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.config.session_expiry_s
         props.ReceiveMaximum = min(self.config.max_inflight, 65535)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self._stop.set())
-        self.client.connect(self.config.mqtt_host, self.config.mqtt_port, keepalive=30, clean_start=False,
-                            properties=props)
+        return props
+
+    def start(self) -> None:
+        """Connect (persistent session) and start the network thread; returns at once."""
+        self.client.connect_async(self.config.mqtt_host, self.config.mqtt_port, keepalive=30, clean_start=False,
+                                  properties=self._connect_properties())
         self.client.loop_start()
+
+    def run(self, install_signals: bool = True) -> None:
+        """Serve until SIGTERM/SIGINT or ``stop()``; recovers from Kafka failures without losing messages."""
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self._stop.set())
+        self.start()
         last_log = time.monotonic()
+        backoff = 1.0
         try:
             while not self._stop.is_set():
-                self._stop.wait(0.5)
+                self._stop.wait(0.2)
                 if self._kafka_failed.is_set():
-                    self._recover(props)
-                if time.monotonic() - last_log > 30:
-                    log.info("bridge metrics %s", self.metrics.snapshot())
+                    self._recover(backoff)
+                    backoff = min(backoff * 2, 15.0)
+                elif len(self.tracker) == 0:
+                    backoff = 1.0
+                if time.monotonic() - last_log > 60:
+                    log.info("bridge %s: received %d, acked %d, in flight %d", self.config.client_id,
+                             self.metrics.received._value.get(), self.metrics.acked._value.get(), len(self.tracker))
                     last_log = time.monotonic()
         finally:
             self.close()
 
-    def _recover(self, props: Properties) -> None:
-        """Drop the MQTT connection (unacked messages stay with the broker) and start over."""
+    def _recover(self, backoff: float) -> None:
+        """Drop MQTT (unacknowledged messages stay with the broker), replace the producer, reconnect."""
+        self.tracker.reset()  # from here on, late Kafka acks of this connection are ignored
         self.client.disconnect()
         self.client.loop_stop()
-        self.producer.flush(timeout=5)
-        with self._lock:
-            self.metrics.in_flight = 0
+        old, self.producer = self.producer, None  # type: ignore[assignment]
+        try:
+            old.close(timeout=1)
+        except Exception:  # closing a producer that cannot reach Kafka may complain; it is discarded anyway
+            log.debug("closing the failed producer", exc_info=True)
+        self.tracker.forget_bytes()
         self._kafka_failed.clear()
-        time.sleep(2)
-        self.client.reconnect()
-        self.client.loop_start()
+        if self._stop.wait(backoff):
+            return
+        try:
+            self.producer = self._new_producer()
+        except Exception as exc:  # Kafka still unreachable: try again after the next backoff
+            log.warning("Kafka unreachable (%s); retrying", exc)
+            self._kafka_failed.set()
+            return
+        log.info("reconnecting to MQTT after a Kafka failure")
+        self.start()
 
     def stop(self) -> None:
         """Ask a running bridge to finish."""
         self._stop.set()
 
     def close(self) -> None:
-        """Flush Kafka (so acks go out), then leave MQTT."""
+        """Stop taking messages, let Kafka acknowledge what is in flight (acks go out), then leave MQTT.
+
+        The session stays (never unsubscribe): messages published meanwhile are kept for this worker.
+        """
+        self._closing = True
         try:
-            self.producer.flush(timeout=10)
-            time.sleep(0.2)
+            if self.producer is not None:
+                self.producer.flush(timeout=10)
+            time.sleep(0.2)  # let the network thread write the last PUBACKs
+        except Exception:
+            log.warning("Kafka did not take the last records; they will be redelivered", exc_info=True)
         finally:
             self.client.disconnect()
             self.client.loop_stop()
-            self.producer.close(timeout=5)
+            if self.producer is not None:
+                self.producer.close(timeout=5)

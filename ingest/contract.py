@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 PAYLOAD_VERSION = 1
 TELEMETRY_TOPIC_FILTER = "tractors/+/telemetry"
-TRACTOR_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+# \A...\Z, not ^...$: "$" would also accept a trailing newline.
+TRACTOR_ID_RE = re.compile(r"\A[A-Za-z0-9_-]{1,32}\Z")
 
 
 def telemetry_topic(tractor_id: str) -> str:

@@ -62,17 +62,28 @@ def parse_ts(value: object) -> datetime | None:
     if not isinstance(value, str) or not 20 <= len(value) <= 35:
         return None
     try:
-        ts = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        ts = datetime.fromisoformat(value)
+        if ts.tzinfo is None:
+            return None
+        return ts.astimezone(UTC)
+    except (ValueError, OverflowError):  # not ISO-8601, or an offset that moves it outside years 1..9999
         return None
-    if ts.tzinfo is None:
-        return None
-    return ts.astimezone(UTC)
 
 
 def format_ts(ts: datetime) -> str:
     """Contract timestamp format: ISO-8601 UTC with milliseconds and a Z."""
     return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
+
+
+def _finite(value: object) -> float | None:
+    """A JSON number as a finite float; None for other types, NaN, infinities and ints too big for a float."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _check_sample(raw: object, now: datetime, limits: Limits) -> tuple[dict[str, Any] | None, Rejection | None]:
@@ -85,9 +96,8 @@ def _check_sample(raw: object, now: datetime, limits: Limits) -> tuple[dict[str,
         return None, Rejection("timestamp_in_future", f"ts {format_ts(ts)} is ahead of the receive time")
     if ts < now - limits.max_age:
         return None, Rejection("timestamp_too_old", f"ts {format_ts(ts)} is older than {limits.max_age.days} days")
-    hours = raw.get("engine_hours")
-    if isinstance(hours, bool) or not isinstance(hours, int | float) or not math.isfinite(hours) \
-            or not 0 <= hours <= 1_000_000:
+    hours = _finite(raw.get("engine_hours"))
+    if hours is None or not 0 <= hours <= 1_000_000:
         return None, Rejection("bad_engine_hours", "engine_hours must be a finite number in [0, 1000000]")
     readings = raw.get("readings")
     if not isinstance(readings, dict) or not readings:
@@ -98,14 +108,15 @@ def _check_sample(raw: object, now: datetime, limits: Limits) -> tuple[dict[str,
         if signal is None:
             return None, Rejection("unknown_signal", f"unknown signal {str(name)[:64]!r}")
         if isinstance(value, bool) or not isinstance(value, int | float):
-            return None, Rejection("bad_reading_type", f"{name} must be a number")
-        if not math.isfinite(value):
-            return None, Rejection("non_finite_reading", f"{name} is NaN or infinite")
-        if not signal.low <= value <= signal.high:
-            detail = f"{name}={value} outside plausible range [{signal.low}, {signal.high}] {signal.unit}"
+            return None, Rejection("bad_reading_type", f"{name} must be a number, got {type(value).__name__}")
+        number = _finite(value)
+        if number is None:
+            return None, Rejection("non_finite_reading", f"{name} is NaN, infinite or too large for a float")
+        if not signal.low <= number <= signal.high:
+            detail = f"{name}={number:g} outside plausible range [{signal.low:g}, {signal.high:g}] {signal.unit}"
             return None, Rejection("reading_out_of_range", detail)
-        clean[name] = float(value)
-    return {"ts": format_ts(ts), "engine_hours": float(hours), "readings": clean}, None
+        clean[name] = number
+    return {"ts": format_ts(ts), "engine_hours": hours, "readings": clean}, None
 
 
 def validate(topic: str, payload: bytes, now: datetime | None = None, limits: Limits = Limits()) -> Verdict:
@@ -151,3 +162,29 @@ def validate(topic: str, payload: bytes, now: datetime | None = None, limits: Li
     if good:
         verdict.message = {"v": PAYLOAD_VERSION, "tractor_id": tractor_id, "seq": seq, "samples": good}
     return verdict
+
+
+# Every reason code the validator can give (stable: dashboards and the DLQ readers rely on them).
+REASONS: dict[str, str] = {
+    "payload_too_large": "message bigger than the configured maximum",
+    "bad_topic": "topic is not tractors/<tractor_id>/telemetry with a valid id",
+    "empty_payload": "nothing (or only whitespace) in the payload",
+    "bad_json": "not valid UTF-8 JSON (also absurdly deep nesting or giant integers)",
+    "not_an_object": "JSON, but not an object",
+    "unsupported_version": "v is not 1",
+    "bad_tractor_id": "tractor_id missing or not 1-32 characters of A-Z a-z 0-9 _ -",
+    "tractor_mismatch": "payload tractor_id differs from the id in the topic",
+    "bad_seq": "seq missing or not a non-negative 64-bit integer",
+    "bad_samples": "samples missing, not a list, or empty",
+    "too_many_samples": "more samples than the configured maximum",
+    "sample_not_object": "a sample is not a JSON object",
+    "bad_timestamp": "a sample's ts is not an ISO-8601 timestamp with a UTC offset",
+    "timestamp_in_future": "a sample's ts is ahead of the receive time by more than the allowed skew",
+    "timestamp_too_old": "a sample's ts is older than the allowed age",
+    "bad_engine_hours": "a sample's engine_hours is not a finite number in range",
+    "bad_readings": "a sample's readings is not a non-empty object",
+    "unknown_signal": "a reading names a signal outside the v1 contract",
+    "bad_reading_type": "a reading is not a number",
+    "non_finite_reading": "a reading is NaN, infinite or too large",
+    "reading_out_of_range": "a reading is outside the signal's physically plausible range",
+}
