@@ -106,6 +106,20 @@ class Stack:
         subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
         subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env)
 
+    @staticmethod
+    def ensure_browser() -> Path:
+        """Debian's Chromium for the operator-page browser tests, installed from the archive when missing."""
+        found = shutil.which("chromium") or next((p for p in ("/usr/bin/chromium",) if Path(p).exists()), None)
+        if found:
+            return Path(found)
+        if not _as_root() or not shutil.which("apt-get"):
+            raise StackError("please install chromium (Debian package); the browser tests drive it headless")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"], check=True,
+                       env=env)
+        return Path(shutil.which("chromium") or "/usr/bin/chromium")
+
     # ---------------------------------------------------------------- configs
     def kafka_nodes(self) -> list[tuple[str, int, int]]:
         """(program name, client port, controller port) of each Kafka node; one node unless a cluster is set."""

@@ -52,7 +52,7 @@ def test_order_carries_priority_cost_delivery_and_evidence(api: Api) -> None:
     assert o["priority"] == "P1"  # 41 h to failure < 120 h lead time
     assert o["cost_eur"] > 0 and o["lead_time_h"] == 120.0 and o["signal"] == "oil_pressure_kpa"
     assert o["expected_delivery"].startswith("2026-11-10T04:00")  # placed 11-05 04:00 + 120 h
-    assert o["evidence"]["window_ids"] and o["evidence"]["slope_per_h"] == -0.5
+    assert o["evidence"]["window_ids"] and o["evidence"]["slope_per_h"] == -1.2
 
 
 def test_csv_export_has_every_matching_order(api: Api) -> None:
