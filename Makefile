@@ -40,5 +40,10 @@ status: $(STAMP)
 down: $(STAMP)
 	$(BIN)/fleetwatch down
 
+## bench: every benchmark (real stack on its own ports), JSON + SUMMARY.md + plots in bench/results/
+bench: install
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	$(BIN)/python -m bench.run_all
+
 clean: down
 	rm -rf .run

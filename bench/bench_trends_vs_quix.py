@@ -1,0 +1,167 @@
+"""Trend stage vs Quix Streams on the same Kafka topic: backlog throughput and live latency."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from kafka import KafkaAdminClient, KafkaProducer
+from kafka.admin import NewTopic
+
+from bench.common import Stopwatch, bench_stack, fleet_messages, report
+from fleetwatch.db import upgrade
+from fleetwatch.pipeline import end_offsets
+from fleetwatch.settings import Settings
+from functions import store
+from functions.config import load_functions
+from functions.db import make_engine, make_sessions
+from functions.model import Context
+from functions.worker import KafkaWorker
+from trends import detect
+
+PARAMS = {"window_s": 10, "lateness_s": 2, "history": 48, "min_windows": 3}
+
+
+def _fill(s: Settings, topic: str, tractors: int, seconds: int) -> int:
+    """Create ``topic`` and produce a fleet's telemetry into it as fast as Kafka takes it."""
+    admin = KafkaAdminClient(bootstrap_servers=s.bootstrap)
+    admin.create_topics([NewTopic(topic, s.kafka_partitions, 1)])
+    admin.close()
+    producer = KafkaProducer(bootstrap_servers=s.bootstrap, acks="all", linger_ms=5, batch_size=256 * 1024)
+    sent = 0
+    for key, value in fleet_messages(tractors, seconds):
+        producer.send(topic, key=key.encode(), value=value)
+        sent += 1
+    producer.flush()
+    producer.close()
+    return sent
+
+
+def run_ours(s: Settings, topic: str, expected: int) -> dict[str, Any]:
+    """Run the real trends-detect function (one worker, SQLite state) until it has consumed ``expected``."""
+    url = f"sqlite:///{s.run_dir / f'bench-{topic}.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    fn = load_functions(s.functions_path)["trends-detect"].model_copy(
+        update={"source_topics": [topic], "consumer_group": f"ours-{topic}", "params": PARAMS})
+    worker = KafkaWorker(fn, s.bootstrap, make_sessions(engine))
+    latencies: list[float] = []
+
+    def probe(event: dict[str, Any], context: Context) -> None:
+        detect.handler(event, context)
+        now = time.time()
+        for recs in event["records"].values():
+            for r in recs:
+                ts = r["json"]["samples"][0]["ts"]
+                latencies.append(now - datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp())
+
+    worker.invoker.handler = probe
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    sessions = make_sessions(engine)
+    first = last = 0.0
+    while True:
+        with sessions() as session:
+            done = sum(store.load_offsets(session, worker.group, topic).values())
+        now = time.perf_counter()
+        if done and not first:
+            first = now
+        if done >= expected:
+            last = now
+            break
+        time.sleep(0.05)
+    worker.stop_event.set()
+    thread.join(timeout=30)
+    worker.close()
+    engine.dispose()
+    lat = np.asarray(latencies) if latencies else np.zeros(1)
+    seconds = max(last - first, 1e-9)
+    return {"messages": expected, "seconds": seconds, "messages_per_s": expected / seconds,
+            "latency_p50_s": float(np.percentile(lat, 50)), "latency_p99_s": float(np.percentile(lat, 99)),
+            "latency_max_s": float(lat.max())}
+
+
+def run_quix(s: Settings, topic: str, expected: int) -> dict[str, Any]:
+    """Run the Quix Streams baseline in its own process until it has consumed ``expected``."""
+    out = subprocess.run([sys.executable, "-m", "bench.quix_trends", "--bootstrap", s.bootstrap, "--topic", topic,
+                          "--messages", str(expected), "--window-s", str(PARAMS["window_s"]),
+                          "--grace-s", str(PARAMS["lateness_s"])], capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(f"quix baseline failed: {out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(tractors: int = 1000, seconds: int = 60, live_rate: float = 2000.0, live_seconds: int = 20) -> None:
+    """Backlog throughput then live latency, ours vs Quix Streams, on the bench Kafka."""
+    clock = Stopwatch()
+    with bench_stack(["kafka"]) as s:
+        tag = int(time.time())
+        backlog = f"bench-backlog-{tag}"
+        n = _fill(s, backlog, tractors, seconds)
+        ours = run_ours(s, backlog, n)
+        quix = run_quix(s, backlog, n)
+        live_rows = {}
+        for name, runner in (("ours", run_ours), ("quix", run_quix)):
+            topic = f"bench-live-{name}-{tag}"
+            admin = KafkaAdminClient(bootstrap_servers=s.bootstrap)
+            admin.create_topics([NewTopic(topic, s.kafka_partitions, 1)])
+            admin.close()
+            result: dict[str, Any] = {}
+            consumer = threading.Thread(target=lambda r=runner, t=topic, out=result: out.update(
+                r(s, t, int(live_rate * live_seconds))))
+            consumer.start()
+            time.sleep(3)  # let the consumer join its group before the live traffic starts
+            _fill_existing(s, topic, int(live_rate), live_seconds, live_rate)
+            consumer.join()
+            live_rows[name] = result
+        assert sum(end_offsets(s, backlog).values()) == n
+    readings = 12
+    rows = [
+        ["backlog", "fleetwatch trends-detect", ours["messages_per_s"], ours["messages_per_s"] * readings, "—", "—"],
+        ["backlog", "Quix Streams", quix["messages_per_s"], quix["messages_per_s"] * readings, "—", "—"],
+        ["live", "fleetwatch trends-detect", live_rows["ours"]["messages_per_s"], live_rate * readings,
+         live_rows["ours"]["latency_p50_s"], live_rows["ours"]["latency_p99_s"]],
+        ["live", "Quix Streams", live_rows["quix"]["messages_per_s"], live_rate * readings,
+         live_rows["quix"]["latency_p50_s"], live_rows["quix"]["latency_p99_s"]],
+    ]
+    ratio = ours["messages_per_s"] / quix["messages_per_s"]
+    report("trends_vs_quix", f"Trend stage vs Quix Streams ({tractors} tractors × {seconds} s backlog; "
+           f"ours ÷ Quix throughput = {ratio:.2f}×, target ≥ 1.5×)",
+           ["phase", "implementation", "messages/s", "readings/s", "latency p50 s", "latency p99 s"], rows,
+           {"ratio_ours_over_quix": ratio, "target_ratio": 1.5, "ours": ours, "quix": quix, "live": live_rows,
+            "params": PARAMS, "wall_s": clock.seconds()})
+
+
+def _fill_existing(s: Settings, topic: str, tractors: int, seconds: int, rate: float) -> int:
+    """Produce live traffic into an existing topic."""
+    producer = KafkaProducer(bootstrap_servers=s.bootstrap, acks="all", linger_ms=5)
+    sent = 0
+    t0 = time.perf_counter()
+    for key, value in fleet_messages(tractors, seconds, start=datetime.now(UTC).replace(microsecond=0)):
+        producer.send(topic, key=key.encode(), value=value)
+        sent += 1
+        if sent % 100 == 0:
+            ahead = t0 + sent / rate - time.perf_counter()
+            if ahead > 0:
+                time.sleep(ahead)
+    producer.flush()
+    producer.close()
+    return sent
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--tractors", type=int, default=1000)
+    ap.add_argument("--seconds", type=int, default=60)
+    ap.add_argument("--live-rate", type=float, default=2000.0)
+    ap.add_argument("--live-seconds", type=int, default=20)
+    a = ap.parse_args()
+    main(a.tractors, a.seconds, a.live_rate, a.live_seconds)
