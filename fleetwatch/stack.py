@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import shutil
 import socket
@@ -198,13 +199,28 @@ class Stack:
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         return Program("mosquitto", f"{binary} -c {conf}", conf.parent)
 
-    def _postgres_program(self) -> Program:
+    def _postgres_dir(self, user: str | None) -> Path:
+        """Where PostgreSQL keeps its cluster: the run folder, unless the ``postgres`` user cannot reach it."""
         d = self.run / "postgres"
-        data = d / "data"
-        user = "postgres" if _as_root() else None
         d.mkdir(parents=True, exist_ok=True)
-        if user:
-            shutil.chown(d, user, user)
+        if not user:
+            return d
+        shutil.chown(d, user, user)
+        if subprocess.run(["runuser", "-u", user, "--", "test", "-w", str(d)]).returncode == 0:
+            return d
+        # A checkout under a folder closed to other users (e.g. mode 700): keep the cluster outside it.
+        digest = hashlib.sha1(str(self.run).encode()).hexdigest()[:12]
+        outside = Path("/var/tmp/fleetwatch") / digest / "postgres"
+        outside.mkdir(parents=True, exist_ok=True)
+        for parent in (outside.parent.parent, outside.parent, outside):
+            os.chmod(parent, 0o755)
+        shutil.chown(outside, user, user)
+        return outside
+
+    def _postgres_program(self) -> Program:
+        user = "postgres" if _as_root() else None
+        d = self._postgres_dir(user)
+        data = d / "data"
         if not (data / "PG_VERSION").exists():
             cmd = [_pg_bin("initdb") or "initdb", "-D", str(data), "-U", self.s.pg_user, "--auth=trust",
                    "-E", "UTF8", "--no-instructions"]
