@@ -56,7 +56,8 @@ def seed_fleet(sessions: sessionmaker[Session], tractors: int = 6) -> None:
                            "status": "warning" if i == 2 else "ok", "as_of": T0 + timedelta(hours=100)})
         session.execute(insert(part_health), health)
         emit = outbox_emitter(session, "ordering-place")
-        place(session, alert("T00001", "OIL-PUMP", "oil_pressure_kpa", ttf_h=41.0, slope=-1.2), emit, now=T0 + timedelta(hours=100))
+        place(session, alert("T00001", "OIL-PUMP", "oil_pressure_kpa", ttf_h=41.0, slope=-1.2), emit,
+              now=T0 + timedelta(hours=100))
         place(session, alert("T00002", "BEARING", "vibration_mm_s", ttf_h=300.0, level=8.0, slope=0.01,
                              threshold=11.2), emit, now=T0 + timedelta(hours=101))
         place(session, alert("T00003", "DPF", "dpf_soot_pct", ttf_h=900.0, level=70.0, slope=0.02,
