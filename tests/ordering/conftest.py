@@ -107,3 +107,12 @@ def api(seeded_db: tuple[str, sessionmaker[Session]]) -> Iterator[Api]:
     url, sessions = seeded_db
     with TestClient(create_app(sessions)) as client:
         yield Api(client, sessions, url, make_tokens(sessions))
+
+
+def free_port_for_tests() -> int:
+    """A TCP port nobody listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
