@@ -1,11 +1,15 @@
-"""``fleetwatch simulate``: publish a simulated fleet with ground truth."""
+"""``fleetwatch simulate`` and ``fleetwatch replay``: publish a simulated fleet or a recorded CSV as telemetry."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -16,43 +20,130 @@ from fleetwatch.settings import Settings
 sim_app = typer.Typer()
 
 
-def run_simulation(s: Settings, scenario: str, tractors: int, days: float, seed: int, period_s: float,
-              truth: Path | None, speed: float, degrading: int) -> tuple[int, dict[str, object]]:
-    from simulators.fleet import start_for
-    from simulators.publish import Gateway, run_fleet
-    from simulators.scenarios import ScenarioError, build
+class Mode(StrEnum):
+    """How the simulator connects to the broker."""
+
+    gateway = "gateway"
+    per_tractor = "per-tractor"
+
+
+def _credentials(s: Settings, who: str) -> tuple[str, str] | None:
+    """Service credentials from ``fleetwatch.credentials`` once the stack generates them; None = anonymous."""
+    try:
+        module = importlib.import_module("fleetwatch.credentials")
+    except ImportError:
+        return None
+    lookup = getattr(module, "service_credentials", None)
+    if lookup is None:
+        return None
+    try:
+        return lookup(s, who)
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _tractor_credentials(s: Settings) -> Callable[[str], tuple[str, str] | None] | None:
+    """Per-tractor credential lookup if ``fleetwatch.credentials`` offers one (``tractor_credentials``)."""
+    try:
+        module = importlib.import_module("fleetwatch.credentials")
+    except ImportError:
+        return None
+    lookup = getattr(module, "tractor_credentials", None)
+    if lookup is None:
+        return None
+    return lambda tid: lookup(s, tid)
+
+
+def _parse_start(start: str | None) -> datetime | None:
+    if start is None:
+        return None
+    try:
+        ts = datetime.fromisoformat(start.replace("Z", "+00:00"))
+    except ValueError:
+        fail(f"--start {start!r} is not an ISO-8601 time like 2026-06-01T00:00:00Z")
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
+def _progress(label: str) -> Progress:
+    return Progress(TextColumn("[bold]" + label + "[/bold] {task.description}"), BarColumn(),
+                    TextColumn("{task.percentage:>5.1f}% · {task.fields[msgs]} messages"), TimeElapsedColumn(),
+                    console=err, transient=False)
+
+
+def run_simulation(s: Settings, scenario: str, tractors: int | None, days: float | None, seed: int | None,
+                   period_s: float | None, truth: Path | None, speed: float, degrading: int | None, *,
+                   start: datetime | None = None, out: Path | None = None, mode: Mode = Mode.gateway,
+                   quiet: bool = False) -> tuple[int, dict[str, Any]]:
+    """Build scenario ``scenario`` and publish it (or write it to ``out``); returns (messages, ground truth)."""
+    from fleetwatch.db import CATALOG, CatalogError, load_catalog
+    from simulators.publish import FileSink, Gateway, PerTractorConnections, Sink, run_fleet
+    from simulators.scenario import ScenarioError, build, load
 
     try:
-        fleet = build(scenario, tractors, days, seed, start_for(days), degrading=degrading)
+        catalog = load_catalog(CATALOG)
+    except CatalogError as exc:
+        fail(str(exc))
+    try:
+        sc = load(scenario)
+        if start is None and speed > 0:
+            start = datetime.now(UTC).replace(microsecond=0)  # real time: the simulated clock starts now
+        fleet, days_, period = build(sc, tractors=tractors, days=days, seed=seed, period_s=period_s,
+                                     degrading=degrading, start=start, catalog=catalog)
     except ScenarioError as exc:
         fail(str(exc))
-    ground_truth = fleet.truth(scenario, seed, days, period_s)
-    if truth:
-        truth.write_text(json.dumps(ground_truth, indent=2))
-    gateway = Gateway(s.mqtt_host, s.mqtt_port, f"{s.mqtt_client_prefix}-sim-{seed}-{time.time_ns()}")
+    sink: Sink
     try:
-        with Progress(TextColumn("[bold]simulating[/bold] {task.description}"), BarColumn(),
-                      TextColumn("{task.percentage:>5.1f}% · {task.fields[msgs]} messages"), TimeElapsedColumn(),
-                      console=err, transient=False) as bar:
-            task = bar.add_task(f"{tractors} tractors × {days:g} days", total=1.0, msgs=0)
-            result = run_fleet(fleet, gateway, days, period_s, speed,
-                               progress=lambda frac, n: bar.update(task, completed=frac, msgs=n))
+        if out is not None:
+            sink = FileSink(out)
+        elif mode is Mode.per_tractor:
+            sink = PerTractorConnections(s.mqtt_host, s.mqtt_port, f"{s.mqtt_client_prefix}-sim",
+                                         _tractor_credentials(s))
+        else:
+            user, password = _credentials(s, "simulator") or (None, None)
+            sink = Gateway(s.mqtt_host, s.mqtt_port, f"{s.mqtt_client_prefix}-sim-{fleet.seed}-{time.time_ns()}",
+                           username=user, password=password)
+    except (OSError, ConnectionError) as exc:
+        fail(f"cannot reach MQTT broker {s.mqtt_host}:{s.mqtt_port}: {exc}" if out is None else str(exc))
+    try:
+        if quiet:
+            result = run_fleet(fleet, sink, days_, period, speed)
+        else:
+            with _progress("simulating") as bar:
+                task = bar.add_task(f"{sc.name}: {fleet.n} tractors × {days_:g} days", total=1.0, msgs=0)
+                result = run_fleet(fleet, sink, days_, period, speed,
+                                   progress=lambda frac, n: bar.update(task, completed=frac, msgs=n))
     finally:
-        gateway.close()
-    err.print(f"published {result.messages} messages ({result.readings} readings) in {result.seconds:.1f}s")
+        sink.close()
+    ground_truth = fleet.truth()
+    if truth:
+        truth.write_text(json.dumps(ground_truth, indent=1))
+    rate = result.readings / result.seconds if result.seconds > 0 else 0.0
+    err.print(f"published {result.messages} messages ({result.samples} samples, {result.readings} readings) "
+              f"in {result.seconds:.1f}s ({rate:,.0f} readings/s)"
+              + (f"; fell behind real time by up to {result.lag_s:.1f}s" if speed > 0 and result.lag_s > 1 else ""))
     return result.messages, ground_truth
 
 
 @sim_app.command()
 def simulate(
-    scenario: Annotated[str, typer.Option(help="oil-pump-demo | healthy")] = "oil-pump-demo",
-    tractors: Annotated[int, typer.Option(min=1)] = 20,
-    days: Annotated[float, typer.Option(min=1.01)] = 20.0,
-    seed: int = 7,
-    period_s: Annotated[float, typer.Option("--period", min=1, help="simulated seconds between samples")] = 600.0,
-    degrading: Annotated[int, typer.Option(min=0, help="tractors whose part wears")] = 1,
-    speed: Annotated[float, typer.Option(min=0, help="simulated s per wall s; 0 = as fast as possible")] = 0.0,
+    scenario: Annotated[str, typer.Option(
+        help="shipped scenario (oil-pump-demo, healthy, mixed-wear, sensor-faults, stress) or a .toml path")]
+    = "oil-pump-demo",
+    tractors: Annotated[int | None, typer.Option(min=1, help="fleet size (default: the scenario's)")] = None,
+    days: Annotated[float | None, typer.Option(min=0.001, help="simulated days (default: the scenario's)")] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed (default: the scenario's)")] = None,
+    period_s: Annotated[float | None, typer.Option("--period", min=0.1,
+                                                   help="simulated seconds between samples")] = None,
+    degrading: Annotated[int | None, typer.Option(min=0, help="oil-pump-demo: tractors whose part wears")] = None,
+    speed: Annotated[float, typer.Option(min=0, help="simulated s per wall s; 0 = as fast as possible, "
+                                                     "1 = real time starting now")] = 0.0,
+    start: Annotated[str | None, typer.Option(help="simulated start, ISO-8601 (default: so the run ends now)")]
+    = None,
     truth: Annotated[Path | None, typer.Option(help="write ground truth JSON here")] = None,
+    out: Annotated[Path | None, typer.Option(help="write JSON lines here instead of publishing to MQTT")] = None,
+    mode: Annotated[Mode, typer.Option(help="gateway: one connection; per-tractor: one per tractor")]
+    = Mode.gateway,
 ) -> None:
-    """Publish a simulated fleet to MQTT (QoS 1) with an accelerated clock."""
-    run_simulation(get_settings(), scenario, tractors, days, seed, period_s, truth, speed, degrading)
+    """Publish a simulated fleet to MQTT (QoS 1) with ground truth, on an accelerated or real-time clock."""
+    run_simulation(get_settings(), scenario, tractors, days, seed, period_s, truth, speed, degrading,
+                   start=_parse_start(start), out=out, mode=mode)
