@@ -165,11 +165,12 @@ class Dispatcher:
         self._drop_producer()
 
 
-def kafka_producer_factory(bootstrap: str) -> Callable[[], Producer]:
+def kafka_producer_factory(bootstrap: str, bootstrap_timeout_ms: int = 5000) -> Callable[[], Producer]:
     """Factory for an idempotent, acks=all producer (created lazily so the API starts without Kafka)."""
     def make() -> Producer:
         from kafka import KafkaProducer
 
-        return KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5,
-                             max_block_ms=5000, request_timeout_ms=10000)  # type: ignore[no-any-return]
+        return KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,  # type: ignore
+                             linger_ms=5, max_block_ms=5000, request_timeout_ms=10000,
+                             bootstrap_timeout_ms=bootstrap_timeout_ms)
     return make
