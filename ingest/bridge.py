@@ -364,3 +364,27 @@ class Bridge:
             self.client.loop_stop()
             if self.producer is not None:
                 self.producer.close(timeout=5)
+
+
+def end_session(config: BridgeConfig, timeout: float = 10.0) -> None:
+    """Delete a worker's persistent session at the broker (its queued messages go with it).
+
+    Only for sessions that must never come back, e.g. test workers; a retired production worker should be
+    drained first (``fleetwatch ingest run --workers N`` does that for workers it no longer runs).
+    """
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=config.client_id, protocol=mqtt.MQTTv5)
+    if config.username:
+        client.username_pw_set(config.username, config.password)
+    if config.ca_file:
+        client.tls_set(ca_certs=config.ca_file)
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 0
+    connected = threading.Event()
+    client.on_connect = lambda *args: connected.set()
+    client.connect(config.mqtt_host, config.mqtt_port, clean_start=True, properties=props)
+    client.loop_start()
+    try:
+        connected.wait(timeout)
+    finally:
+        client.disconnect()
+        client.loop_stop()

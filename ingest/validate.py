@@ -130,7 +130,7 @@ def validate(topic: str, payload: bytes, now: datetime | None = None, limits: Li
     if not payload.strip():
         return _reject("empty_payload", "payload is empty", topic_id)
     try:
-        doc = json.loads(payload)
+        doc = json.loads(payload.decode("utf-8"))  # strictly UTF-8: no BOM, no UTF-16/32 guessing
     except (ValueError, RecursionError) as exc:
         return _reject("bad_json", f"not valid UTF-8 JSON: {str(exc)[:200]}", topic_id)
     if not isinstance(doc, dict):

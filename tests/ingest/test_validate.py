@@ -43,6 +43,8 @@ def test_one_bad_sample_rejects_only_that_sample() -> None:
     (TOPIC, b"   \n", "empty_payload"),
     (TOPIC, b"{not json", "bad_json"),
     (TOPIC, b"\xff\xfe\x00garbage", "bad_json"),
+    (TOPIC, b"\xef\xbb\xbf" + message(), "bad_json"),  # UTF-8 byte order mark
+    (TOPIC, message().decode().encode("utf-16"), "bad_json"),
     (TOPIC, b"[" * 100_000, "bad_json"),
     (TOPIC, b'{"v":1,"seq":' + b"9" * 5000 + b"}", "bad_json"),
     (TOPIC, b"[1, 2]", "not_an_object"),
