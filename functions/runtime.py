@@ -203,6 +203,7 @@ class Invoker:
         # Stored next offset per owned partition (None: nothing stored yet), and the open window per partition.
         self.positions: dict[TP, int | None] = {}
         self.windows: dict[TP, Window] = {}
+        self._closed: dict[TP, int] = {}  # start of the last window closed per partition
         self._done: set[tuple[str, int, int]] = set()
         self._todo: dict[TP, list[int]] = {}
         self._cursor: dict[TP, int] = {}
@@ -221,6 +222,7 @@ class Invoker:
         for tp in partitions:
             self.positions.pop(tp, None)
             self.windows.pop(tp, None)
+            self._closed.pop(tp, None)
 
     # -------------------------------------------------------------- public
     def process(self, records: Sequence[Record]) -> None:
@@ -247,14 +249,18 @@ class Invoker:
         finally:
             self.publish()
 
-    def tick(self) -> None:
-        """Close tumbling windows whose end has passed (called between polls)."""
+    def tick(self, idle: set[TP] | None = None) -> None:
+        """Close tumbling windows whose end has passed on partitions that are caught up (``idle``; None: all).
+
+        A partition still delivering records closes its window when a record of a later window arrives, so a
+        backlog is never cut into several invocations of one window.
+        """
         if self.fn.tumbling_window_s <= 0:
             return
         now_ms = int(self.clock() * 1000)
         width = self.fn.tumbling_window_s * 1000
         for tp, (start, _) in sorted(self.windows.items()):
-            if start + width <= now_ms:
+            if start + width <= now_ms and (idle is None or tp in idle):
                 self._finalize(tp)
 
     # -------------------------------------------------------------- batch shaping
@@ -491,7 +497,8 @@ class Invoker:
         for tp, recs in by_tp.items():
             group: list[Record] = []
             for r in recs:
-                start = r.timestamp - r.timestamp % width
+                # A record stamped inside a window that was already closed counts toward the next one.
+                start = max(r.timestamp - r.timestamp % width, self._closed.get(tp, -width) + width)
                 current = self.windows.get(tp)
                 if current is not None and start > current[0]:
                     # A record of a later window: finish what we have, then close the current window.
@@ -508,9 +515,11 @@ class Invoker:
         """Invoke with ``isFinalInvokeForWindow`` until it succeeds, then drop the window's state."""
         attempts = 0
         while True:
+            start = self.windows[tp][0]
             outcome = self._invoke([], tp, final=True)
             if outcome.ok:
                 self.stats.windows_closed += 1
+                self._closed[tp] = start
                 return
             attempts += 1
             if self.should_stop():

@@ -79,7 +79,7 @@ class KafkaWorker:
             bootstrap_servers=bootstrap, group_id=self.group, enable_auto_commit=False,
             auto_offset_reset="latest" if fn.starting_position == "LATEST" else "earliest",
             max_poll_records=fn.batch_size, max_poll_interval_ms=max(300_000, int(fn.timeout_s * 4000)),
-            fetch_max_wait_ms=100, session_timeout_ms=10_000, heartbeat_interval_ms=2_000,
+            fetch_max_wait_ms=100, session_timeout_ms=10_000, metadata_max_age_ms=15_000, heartbeat_interval_ms=2_000,
             client_id=f"{self.group}-{self.worker_id}",
         )
         self.producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5)
@@ -199,16 +199,21 @@ class KafkaWorker:
 
     def run(self, until: Callable[[], bool] | None = None) -> None:
         """Consume until ``stop_event`` is set (or ``until()`` returns True)."""
+        for topic in self.topics:  # metadata first: a group leader without it would assign nothing
+            if not self.consumer.partitions_for_topic(topic):
+                log.warning("%s: source topic %s does not exist (yet)", self.fn.name, topic)
         self.consumer.subscribe(self.topics, listener=_Rebalance(self))
         self.relay()
         log.info("%s[%s]: consuming %s as group %s", self.fn.name, self.worker_id, self.topics, self.group)
         while not self.stop_event.is_set() and not (until and until()):
             try:
-                self.invoker.tick()
                 batch = self._poll_batch()
+                if batch:
+                    self.invoker.process(batch)
+                busy = {(r.topic, r.partition) for r in batch}
+                self.invoker.tick({(tp.topic, tp.partition) for tp in self.consumer.assignment()} - busy)
                 if not batch:
                     continue
-                self.invoker.process(batch)
             except Fenced as exc:
                 log.warning("%s[%s]: %s; re-reading positions", self.fn.name, self.worker_id, exc)
                 self._rewind()
