@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from fleetwatch.cli_chaos import chaos_app
 from fleetwatch.cli_functions import functions_app
 from fleetwatch.cli_ingest import devices_app, ingest_app, print_status
 from fleetwatch.cli_orders import api_app, demo_token_path, orders_app, orders_rows, tokens_app
@@ -24,6 +25,7 @@ app.add_typer(orders_app, name="orders")
 app.add_typer(db_app, name="db")
 app.add_typer(api_app, name="api")
 app.add_typer(tokens_app, name="tokens")
+app.add_typer(chaos_app)
 
 # ------------------------------------------------------------------ stack
 @app.command()
