@@ -44,7 +44,8 @@ part_health = table("part_health", column("tractor_id", String), column("part_id
                     column("status", String), column("as_of", _TS))
 trend_windows = table("trend_windows", column("tractor_id", String), column("signal", String),
                       column("window_start", _TS), column("window_end", _TS), column("count", Integer),
-                      column("mean", Float), column("min", Float), column("max", Float), column("slope_per_h", Float))
+                      column("mean", Float), column("min", Float), column("max", Float), column("norm_value", Float),
+                      column("slope_per_h", Float))
 
 SORTS = {"placed_at": orders.c.placed_at, "updated_at": orders.c.updated_at, "priority": orders.c.priority,
          "ttf_h": orders.c.ttf_h, "tractor_id": orders.c.tractor_id, "part_id": orders.c.part_id,

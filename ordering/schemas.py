@@ -179,6 +179,7 @@ class TrendWindow(BaseModel):
     mean: float
     min: float
     max: float
+    norm_value: float | None = Field(None, description="value at the reference operating point")
     slope_per_h: float | None = None
 
 

@@ -35,10 +35,13 @@
     const W = spec.width || 720, H = spec.height || 320, m = {l: 58, r: 44, t: 28, b: 40};
     const svg = el('svg', {width: W, height: H, viewBox: `0 0 ${W} ${H}`, role: 'img', 'class': 'trend-chart',
                            'aria-label': spec.title || 'trend chart'});
+    // The line shows the value at the reference operating point (what the trend is fitted on) when the
+    // trend tables have it, else the raw mean; the band is the raw min–max of each window.
     const pts = (spec.windows || []).map((w) => ({
-      t: (Date.parse(w.window_start) + Date.parse(w.window_end)) / 2, mean: w.mean, min: w.min, max: w.max}));
+      t: (Date.parse(w.window_start) + Date.parse(w.window_end)) / 2,
+      mean: w.norm_value != null ? w.norm_value : w.mean, min: w.min, max: w.max}));
     const ys = [], ts = [];
-    for (const p of pts) { ys.push(p.min, p.max); ts.push(p.t); }
+    for (const p of pts) { ys.push(p.min, p.max, p.mean); ts.push(p.t); }
     if (spec.failure != null) ys.push(spec.failure);
     if (spec.warning != null) ys.push(spec.warning);
     let trendFrom = null, trendTo = null, crossing = null;
@@ -81,12 +84,17 @@
     svg.append(el('line', {x1: m.l, x2: m.l, y1: m.t, y2: H - m.b, stroke: '#999'}));
     if (spec.title) svg.append(el('text', {x: m.l, y: 16, 'font-weight': 600}, spec.title));
 
-    // min–max band and mean line of the windows
-    if (pts.length) {
-      const band = pts.map((p) => `${X(p.t)},${Y(p.max)}`).concat(
-        pts.slice().reverse().map((p) => `${X(p.t)},${Y(p.min)}`)).join(' ');
+    // min–max band and value line of the windows, broken where the tractor did not report (engine off)
+    const runs = [];
+    for (const p of pts) {
+      const last = runs.length ? runs[runs.length - 1] : null;
+      if (last && p.t - last[last.length - 1].t <= 3 * HOUR) last.push(p); else runs.push([p]);
+    }
+    for (const run of runs) {
+      const band = run.map((p) => `${X(p.t)},${Y(p.max)}`).concat(
+        run.slice().reverse().map((p) => `${X(p.t)},${Y(p.min)}`)).join(' ');
       svg.append(el('polygon', {points: band, fill: '#cfe3ff', opacity: 0.6, 'class': 'band'}));
-      svg.append(el('polyline', {points: pts.map((p) => `${X(p.t)},${Y(p.mean)}`).join(' '), fill: 'none',
+      svg.append(el('polyline', {points: run.map((p) => `${X(p.t)},${Y(p.mean)}`).join(' '), fill: 'none',
                                  stroke: '#1f5fa8', 'stroke-width': 1.5, 'class': 'series'}));
     }
     // thresholds

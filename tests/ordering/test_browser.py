@@ -93,7 +93,7 @@ def test_operator_logs_in_filters_opens_order_sees_chart_and_acknowledges(
     expect(page.locator("#order-title")).to_contain_text("T00001 · OIL-PUMP")
     chart = page.locator("#order-chart svg.trend-chart")
     expect(chart).to_be_visible()
-    expect(chart.locator("polyline.series")).to_have_count(1)
+    expect(chart.locator("polyline.series").first).to_be_visible()
     expect(chart.locator("line.threshold")).to_have_count(1)
     expect(chart.locator("line.trend")).to_have_count(1)
     expect(chart.locator("circle.crossing")).to_have_count(1)
