@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fleetwatch.common import err, fail, get_settings
 from fleetwatch.settings import Settings
+
+if TYPE_CHECKING:
+    from simulators.publish import Sink
 
 sim_app = typer.Typer()
 
@@ -27,31 +28,16 @@ class Mode(StrEnum):
     per_tractor = "per-tractor"
 
 
-def _credentials(s: Settings, who: str) -> tuple[str, str] | None:
-    """Service credentials from ``fleetwatch.credentials`` once the stack generates them; None = anonymous."""
-    try:
-        module = importlib.import_module("fleetwatch.credentials")
-    except ImportError:
-        return None
-    lookup = getattr(module, "service_credentials", None)
-    if lookup is None:
-        return None
-    try:
-        return lookup(s, who)
-    except (OSError, KeyError, ValueError):
-        return None
+def connect(s: Settings, mode: Mode, client_id: str) -> Sink:
+    """A broker connection for the simulator: the gateway service user, or each tractor's own credentials."""
+    from fleetwatch.credentials import mqtt_endpoint, service_credentials, tractor_credentials
+    from simulators.publish import Gateway, PerTractorConnections
 
-
-def _tractor_credentials(s: Settings) -> Callable[[str], tuple[str, str] | None] | None:
-    """Per-tractor credential lookup if ``fleetwatch.credentials`` offers one (``tractor_credentials``)."""
-    try:
-        module = importlib.import_module("fleetwatch.credentials")
-    except ImportError:
-        return None
-    lookup = getattr(module, "tractor_credentials", None)
-    if lookup is None:
-        return None
-    return lambda tid: lookup(s, tid)
+    host, port, ca_file = mqtt_endpoint(s)
+    if mode is Mode.per_tractor:
+        return PerTractorConnections(host, port, client_id, lambda tid: tractor_credentials(s, tid), ca_file)
+    user, password = service_credentials(s, "simulator")
+    return Gateway(host, port, client_id, username=user, password=password, ca_file=ca_file)
 
 
 def _parse_start(start: str | None) -> datetime | None:
@@ -76,7 +62,7 @@ def run_simulation(s: Settings, scenario: str, tractors: int | None, days: float
                    quiet: bool = False) -> tuple[int, dict[str, Any]]:
     """Build scenario ``scenario`` and publish it (or write it to ``out``); returns (messages, ground truth)."""
     from fleetwatch.db import CATALOG, CatalogError, load_catalog
-    from simulators.publish import FileSink, Gateway, PerTractorConnections, Sink, run_fleet
+    from simulators.publish import FileSink, run_fleet
     from simulators.scenario import ScenarioError, build, load
 
     try:
@@ -95,15 +81,10 @@ def run_simulation(s: Settings, scenario: str, tractors: int | None, days: float
     try:
         if out is not None:
             sink = FileSink(out)
-        elif mode is Mode.per_tractor:
-            sink = PerTractorConnections(s.mqtt_host, s.mqtt_port, f"{s.mqtt_client_prefix}-sim",
-                                         _tractor_credentials(s))
         else:
-            user, password = _credentials(s, "simulator") or (None, None)
-            sink = Gateway(s.mqtt_host, s.mqtt_port, f"{s.mqtt_client_prefix}-sim-{fleet.seed}-{time.time_ns()}",
-                           username=user, password=password)
+            sink = connect(s, mode, f"{s.mqtt_client_prefix}-sim-{fleet.seed}-{time.time_ns()}")
     except (OSError, ConnectionError) as exc:
-        fail(f"cannot reach MQTT broker {s.mqtt_host}:{s.mqtt_port}: {exc}" if out is None else str(exc))
+        fail(f"cannot publish to MQTT broker {s.mqtt_host}:{s.mqtt_port}: {exc}" if out is None else str(exc))
     try:
         if quiet:
             result = run_fleet(fleet, sink, days_, period, speed)

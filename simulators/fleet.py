@@ -71,9 +71,15 @@ class Fleet:
         self._fault_set = FaultSet([Fault(f.tractor_index, f.signal, f.kind, f.start_s, f.end_s, f.magnitude, seed)
                                     for f in self.faults])
         self._failure = {p.signal: p.failure for p in self.parts.values()}
-        self._wear_by_signal: dict[str, list[Wear]] = {}
+        # Per signal and wear kind: tractor indices, onsets and failure times, for one vectorised pass per step.
+        self._wear_groups: dict[str, list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]] = {}
+        groups: dict[tuple[str, str], list[Wear]] = {}
         for w in self.wear:
-            self._wear_by_signal.setdefault(w.signal, []).append(w)
+            groups.setdefault((w.signal, w.kind), []).append(w)
+        for (sig, kind), ws in sorted(groups.items()):
+            self._wear_groups.setdefault(sig, []).append((
+                kind, np.array([w.tractor_index for w in ws]), np.array([w.onset_s for w in ws], dtype=np.float64),
+                np.array([w.failure_s for w in ws], dtype=np.float64)))
         self._net_rng = np.random.default_rng([seed, 6])
         self.seq = np.zeros(tractors, dtype=np.int64)
         self._pending: list[list[str]] = [[] for _ in range(tractors)]
@@ -104,16 +110,15 @@ class Fleet:
         out: dict[str, np.ndarray] = {}
         for sig in WEAR_SIGNALS:
             healthy = self.model.healthy_level(sig)
-            wears = self._wear_by_signal.get(sig)
-            if not wears:
+            groups = self._wear_groups.get(sig)
+            if not groups:
                 out[sig] = healthy
                 continue
             level = np.array(healthy, dtype=np.float64, copy=True)
             fail = self._failure[sig]
-            for w in wears:
-                f = float(wear_fraction(w.kind, np.asarray([t]), w.onset_s, w.failure_s)[0])
-                if f > 0.0:
-                    level[w.tractor_index] = healthy[w.tractor_index] + f * (fail - healthy[w.tractor_index])
+            for kind, idx, onset, failure in groups:
+                f = wear_fraction(kind, np.full(idx.shape, t), onset, failure)
+                level[idx] = healthy[idx] + f * (fail - healthy[idx])
             out[sig] = level
         return out
 

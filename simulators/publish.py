@@ -24,6 +24,7 @@ class PublishResult:
     readings: int
     seconds: float
     lag_s: float = 0.0  # real-time mode: how far the publisher fell behind the simulated clock at worst
+    lag_p99_s: float = 0.0  # real-time mode: 99th percentile of the per-step lag
 
 
 class Sink(Protocol):
@@ -43,22 +44,24 @@ class Gateway:
     """One MQTT connection that publishes for many tractors, waiting for every QoS 1 acknowledgement."""
 
     def __init__(self, host: str, port: int, client_id: str, max_inflight: int = 1000,
-                 username: str | None = None, password: str | None = None) -> None:
+                 username: str | None = None, password: str | None = None, ca_file: str | None = None) -> None:
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
         if username:
             self.client.username_pw_set(username, password)
+        if ca_file:
+            self.client.tls_set(ca_certs=ca_file)
         self.client.max_inflight_messages_set(max_inflight)
         self.client.max_queued_messages_set(0)
         self._acked = 0
         self._sent = 0
         self._cond = threading.Condition()
-        self._connected = threading.Event()
+        self._answered = threading.Event()
         self._refused: str | None = None
         self.client.on_publish = self._on_publish
         self.client.on_connect = self._on_connect
         self.client.connect(host, port, keepalive=30)
         self.client.loop_start()
-        if not self._connected.wait(15.0):
+        if not self._answered.wait(15.0) or self._refused:
             self.close()
             raise ConnectionError(self._refused or f"no CONNACK from MQTT broker {host}:{port} within 15 s")
         self.window = max_inflight * 4
@@ -67,8 +70,7 @@ class Gateway:
                     props: object) -> None:
         if getattr(reason, "is_failure", False):
             self._refused = f"MQTT broker refused the connection: {reason}"
-        else:
-            self._connected.set()
+        self._answered.set()
 
     def _on_publish(self, client: mqtt.Client, userdata: object, mid: int, reason: object, props: object) -> None:
         with self._cond:
@@ -112,8 +114,9 @@ class PerTractorConnections:
     """
 
     def __init__(self, host: str, port: int, client_prefix: str,
-                 credentials: Callable[[str], tuple[str, str] | None] | None = None) -> None:
-        self.host, self.port, self.prefix = host, port, client_prefix
+                 credentials: Callable[[str], tuple[str, str] | None] | None = None,
+                 ca_file: str | None = None) -> None:
+        self.host, self.port, self.prefix, self.ca_file = host, port, client_prefix, ca_file
         self.credentials = credentials
         self.gateways: dict[str, Gateway] = {}
 
@@ -123,7 +126,7 @@ class PerTractorConnections:
             creds = self.credentials(tractor_id) if self.credentials else None
             user, password = creds if creds else (None, None)
             gw = Gateway(self.host, self.port, f"{self.prefix}-{tractor_id}", max_inflight=20,
-                         username=user, password=password)
+                         username=user, password=password, ca_file=self.ca_file)
             self.gateways[tractor_id] = gw
         return gw
 
@@ -193,21 +196,20 @@ def publish_steps(steps: Iterable[tuple[float, list[tuple[str, bytes]]]], sink: 
 
     Timestamps stay on the simulated clock; in real-time mode (speed 1) each step waits for its wall time.
     """
-    started = time.monotonic()
     for tid in tractor_ids:
         sink.publish(status_topic(tid), b"online", retain=True)
+    started = time.monotonic()  # the simulated clock starts once every tractor announced itself
     messages = samples = readings = 0
-    lag = 0.0
+    lags: list[float] = []
     step = 0
     for frac, msgs in steps:
         step += 1
         if speed > 0:
             due = started + step * period_s / speed
             wait = due - time.monotonic()
+            lags.append(max(0.0, -wait))
             if wait > 0:
                 time.sleep(wait)
-            else:
-                lag = max(lag, -wait)
         for tid, payload in msgs:
             sink.publish(telemetry_topic(tid), payload)
             s, r = _count_readings(payload)
@@ -217,7 +219,9 @@ def publish_steps(steps: Iterable[tuple[float, list[tuple[str, bytes]]]], sink: 
         if progress:
             progress(frac, messages)
     sink.drain()
-    return PublishResult(messages, samples, readings, time.monotonic() - started, lag)
+    lags.sort()
+    return PublishResult(messages, samples, readings, time.monotonic() - started, lags[-1] if lags else 0.0,
+                         lags[int(0.99 * (len(lags) - 1))] if lags else 0.0)
 
 
 def run_fleet(fleet: Fleet, sink: Sink, days: float, period_s: float, speed: float = 0.0,

@@ -29,9 +29,10 @@ class Wear:
         return float(wear_fraction(self.kind, np.asarray([t]), self.onset_s, self.failure_s)[0])
 
 
-def wear_fraction(kind: str, t: np.ndarray, onset_s: float, failure_s: float) -> np.ndarray:
-    """Wear fraction of ``kind`` at times ``t`` (vectorised)."""
-    span = failure_s - onset_s
+def wear_fraction(kind: str, t: np.ndarray, onset_s: float | np.ndarray,
+                  failure_s: float | np.ndarray) -> np.ndarray:
+    """Wear fraction of ``kind`` at times ``t`` (vectorised; onsets and failure times may be arrays too)."""
+    span = np.asarray(failure_s, dtype=np.float64) - onset_s
     x = (np.asarray(t, dtype=np.float64) - onset_s) / span
     if kind == "linear":
         w = x
@@ -40,7 +41,7 @@ def wear_fraction(kind: str, t: np.ndarray, onset_s: float, failure_s: float) ->
         w = np.expm1(EXP_RATE * np.minimum(x, 1.0)) / np.expm1(EXP_RATE)
         rate_at_failure = EXP_RATE * np.exp(EXP_RATE) / np.expm1(EXP_RATE)
     elif kind == "sudden":
-        ramp = min(SUDDEN_RAMP_S / span, 0.5)
+        ramp = np.minimum(SUDDEN_RAMP_S / span, 0.5)
         w = np.where(x < ramp, SUDDEN_JUMP * x / ramp, SUDDEN_JUMP + (1 - SUDDEN_JUMP) * (x - ramp) / (1 - ramp))
         rate_at_failure = (1 - SUDDEN_JUMP) / (1 - ramp)
     else:

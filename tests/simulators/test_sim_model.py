@@ -88,7 +88,7 @@ def test_each_wear_kind_crosses_the_catalog_failure_threshold_at_the_recorded_fa
     fleet = Fleet(2, 3, START, wear=[Wear(0, part_id, part.signal, kind, 2 * DAY, 9 * DAY)], parts=PARTS)
     crossed_at = None
     sign = 1.0 if part.direction == "rising" else -1.0
-    for _frac, _msgs in fleet.run(12, 600.0):
+    for _frac, _msgs in fleet.run(12, 3600.0):
         t = fleet.model_time
         level = fleet.levels(t)[part.signal][0]
         if crossed_at is None and sign * (level - part.failure) >= -1e-9:
