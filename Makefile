@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit lint down status bench bench-sim clean
+.PHONY: install demo test test-unit lint down status bench bench-sim clean chaos soak audit
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,7 @@ demo: install
 ## test: unit, integration (real Kafka, Mosquitto, PostgreSQL) and end-to-end tests
 test: install
 	$(BIN)/ruff check .
+	$(BIN)/fleetwatch audit --timeout 120
 	$(BIN)/pytest
 
 ## test-unit: only the tests that need no services
@@ -48,6 +49,18 @@ bench: install
 ## bench-sim: simulator → Mosquitto throughput in gateway mode (10,000 tractors × 1 Hz) vs a bare paho loop
 bench-sim: install
 	$(BIN)/python -m bench.bench_sim
+
+## chaos: kill -9 each process in turn during a fleet run, then reconcile; exit 1 if anything was lost or doubled
+chaos: install
+	$(BIN)/fleetwatch chaos --seed $(or $(SEED),7) --kills $(or $(KILLS),2)
+
+## soak: steady load for DURATION seconds (default 600); memory of each process over time, fails on growth
+soak: install
+	$(BIN)/fleetwatch soak --duration $(or $(DURATION),600)
+
+## audit: pip-audit; fails only on known vulnerabilities in the dependencies pyproject.toml declares
+audit: $(STAMP)
+	$(BIN)/fleetwatch audit --timeout 120
 
 clean: down
 	rm -rf .run

@@ -99,3 +99,24 @@ def soak(
         json_out.write_text(json.dumps(report, indent=1))
     if not ok or report.get("lost", 0):
         raise typer.Exit(1)
+
+
+@chaos_app.command()
+def audit(
+    timeout_s: Annotated[float, typer.Option("--timeout", min=10, help="give up (without failing) after this long")]
+    = 120.0,
+) -> None:
+    """pip-audit of the installed packages; exit 1 only for known vulnerabilities in our declared dependencies."""
+    from fleetwatch.chaos import audit as run_audit
+    from fleetwatch.settings import PROJECT_ROOT
+
+    code, found, note = run_audit(PROJECT_ROOT / "pyproject.toml", timeout_s)
+    if found:
+        table = Table("package", "version", "vulnerability", "declared by us", title="pip-audit")
+        for name, version, vuln, own in found:
+            table.add_row(name, version, vuln, "[red]yes[/red]" if own else "no (transitive: not failing)")
+        console.print(table)
+    console.print(f"pip-audit: {note}; {len(found)} known vulnerabilities "
+                  f"({sum(own for *_, own in found)} in declared dependencies)")
+    if code:
+        raise typer.Exit(code)
