@@ -174,6 +174,14 @@ class ScenarioFile(_Strict):
     network: NetworkConfig = Field(default_factory=NetworkConfig)
 
 
+def validation_problem(e: Any) -> str:
+    """One pydantic error as ``field.path: message (got value)``."""
+    where = ".".join(str(p) for p in e["loc"]) or "(top)"
+    value = e.get("input")
+    got = f" (got {value!r})" if isinstance(value, str | int | float) and len(repr(value)) < 60 else ""
+    return f"{where}: {e['msg']}{got}"
+
+
 def shipped() -> list[str]:
     """Names of the scenarios shipped with the package."""
     return sorted(p.stem for p in SCENARIO_DIR.glob("*.toml"))
@@ -197,7 +205,7 @@ def load(name_or_path: str | Path) -> ScenarioFile:
     try:
         return ScenarioFile.model_validate(doc)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(validation_problem(e) for e in exc.errors())
         raise ScenarioError(f"{path}: invalid scenario: {problems}") from exc
 
 
