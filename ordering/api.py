@@ -2,7 +2,7 @@
 
 import csv
 import io
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +34,8 @@ from ordering.lifecycle import (
 from ordering.tables import api_tokens, order_events, orders, parts
 
 STATIC = Path(__file__).with_name("static")
+CSP = ("default-src 'self'; img-src 'self' data: blob:; object-src 'none'; base-uri 'none'; "
+       "frame-ancestors 'none'; form-action 'self'")
 MAX_INT = 2**62  # keeps ids and offsets inside SQLite/PostgreSQL BIGINT
 
 # Read-only views of the trend engineer's tables (ordering does not import trends).
@@ -88,11 +90,22 @@ def create_app(sessions: sessionmaker[Session], topic_prefix: str = "", dispatch
             if dispatcher:
                 dispatcher.stop()
 
-    app = FastAPI(title="Fleetwatch orders", version="1", lifespan=lifespan,
+    # No /docs or /redoc: FastAPI's versions load Swagger UI from a CDN and the page must work offline;
+    # the OpenAPI document itself is at /openapi.json.
+    app = FastAPI(title="Fleetwatch orders", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Replacement-part orders placed from wear trends, their lifecycle, fleet part "
                               "health and trend series. Authenticate with `Authorization: Bearer <token>`; "
                               "roles: analyst (read), operator (read, act on orders), admin (also catalog, tokens).")
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        response = await call_next(request)
+        # Everything the page needs comes from this app; nothing else may load or frame it.
+        response.headers.setdefault("Content-Security-Policy", CSP)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        return response
 
     # ------------------------------------------------------------- errors: 4xx with a message, never 500
     @app.exception_handler(RequestValidationError)

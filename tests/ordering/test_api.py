@@ -189,6 +189,8 @@ def test_operator_page_and_static_files_are_served_without_cdn(api: Api) -> None
     page = api.client.get("/")
     assert page.status_code == 200 and "Fleetwatch" in page.text
     assert "http://" not in page.text and "https://" not in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert api.client.get("/openapi.json").json()["info"]["title"] == "Fleetwatch orders"
     for asset in ("app.js", "chart.js", "app.css"):
         r = api.client.get(f"/static/{asset}")
         assert r.status_code == 200 and "https://" not in r.text, asset
