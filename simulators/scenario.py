@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
@@ -189,18 +190,23 @@ def shipped() -> list[str]:
 
 def load(name_or_path: str | Path) -> ScenarioFile:
     """A scenario by shipped name (``mixed-wear``) or TOML file path; ScenarioError says what is wrong."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = SCENARIO_DIR / f"{name_or_path}.toml"
-        if not path.exists():
-            raise ScenarioError(f"unknown scenario {str(name_or_path)!r}; shipped: {', '.join(shipped())} "
+    text = str(name_or_path)
+    if isinstance(name_or_path, str) and not text.endswith(".toml"):
+        # a bare name picks a shipped scenario; anything else must be a path to a .toml file
+        if text not in shipped():
+            shown = text if len(text) <= 80 else text[:80] + "…"
+            raise ScenarioError(f"unknown scenario {shown!r}; shipped: {', '.join(shipped())} "
                                 "(or give a path to a .toml file)")
+        path = SCENARIO_DIR / f"{text}.toml"
+    else:
+        path = Path(name_or_path)
     try:
         doc = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise ScenarioError(f"cannot read scenario file {path}: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"{path}: not valid TOML: {exc}") from exc
+    except (OSError, ValueError) as exc:  # ValueError: NUL bytes in a path, undecodable text
+        raise ScenarioError(f"cannot read scenario file {str(path)[:200]}: "
+                            f"{getattr(exc, 'strerror', None) or exc}") from exc
     doc.setdefault("name", path.stem)
     try:
         return ScenarioFile.model_validate(doc)
@@ -218,6 +224,25 @@ def _check_part(parts: dict[str, PartSpec], part: str, where: str) -> PartSpec:
 def _check_signal(signal: str, where: str) -> None:
     if signal not in SIGNAL_ORDER:
         raise ScenarioError(f"{where}: unknown signal {signal!r}; signals: {', '.join(SIGNAL_ORDER)}")
+
+
+def checked_parts(catalog: list[dict[str, Any]] | None) -> dict[str, PartSpec]:
+    """Part specs from catalog rows, or ScenarioError naming the part the simulator cannot model."""
+    try:
+        parts = parts_from_catalog(catalog)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise ScenarioError(f"catalog: a part lacks a usable part_id, signal, direction, nominal or "
+                            f"failure_threshold ({type(exc).__name__}: {exc})") from exc
+    for p in parts.values():
+        if p.signal not in WEAR_SIGNALS:
+            raise ScenarioError(f"catalog: part {p.part_id}: the simulator models no wear signal {p.signal!r}; "
+                                f"modelled: {', '.join(WEAR_SIGNALS)}")
+        if not (math.isfinite(p.nominal) and math.isfinite(p.failure)) or p.direction not in ("falling", "rising") \
+                or (p.failure - p.nominal) * (1 if p.direction == "rising" else -1) <= 0:
+            raise ScenarioError(f"catalog: part {p.part_id}: failure threshold {p.failure} must lie "
+                                f"{'above' if p.direction == 'rising' else 'below'} nominal {p.nominal} "
+                                f"(direction {p.direction!r})")
+    return parts
 
 
 def _uniform(rng: np.random.Generator, r: tuple[float, float]) -> float:
@@ -251,7 +276,7 @@ def build(sc: ScenarioFile, *, tractors: int | None = None, days: float | None =
         raise ScenarioError(f"{days} days every {period} s is too many steps")
     begin = (start or sc.start or start_for(days))
     begin = begin.replace(tzinfo=UTC) if begin.tzinfo is None else begin.astimezone(UTC)
-    parts = parts_from_catalog(catalog)
+    parts = checked_parts(catalog)
     run_s = days * DAY
     wear: list[Wear] = []
     taken: set[tuple[int, str]] = set()

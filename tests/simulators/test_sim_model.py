@@ -115,3 +115,17 @@ def test_worn_oil_pump_shows_in_the_emitted_readings() -> None:
     # early on the two pumps deliver alike, at the end the worn one gives about 150/320 of the healthy one
     assert np.mean(ratios[:10]) > 0.85
     assert 0.35 < np.mean(ratios[-10:]) < 0.6
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"failure_threshold": "lots"}, "usable"),
+    ({"signal": "engine_rpm"}, "models no wear signal"),
+    ({"failure_threshold": 400.0}, "must lie below nominal"),
+])
+def test_a_catalog_the_simulator_cannot_model_is_a_scenario_error(change: dict, expected: str) -> None:
+    from simulators.scenario import ScenarioError, build, load
+
+    rows = [dict(r) for r in load_catalog(CATALOG)]
+    rows[0].update(change)  # OIL-PUMP
+    with pytest.raises(ScenarioError, match=expected):
+        build(load("oil-pump-demo"), tractors=2, days=1, catalog=rows)
