@@ -57,12 +57,14 @@ class Fleet:
     def __init__(self, tractors: int, seed: int, start: datetime, wear: list[Wear] | None = None,
                  faults: list[Fault] | None = None, network: Network | None = None,
                  parts: dict[str, PartSpec] | None = None, schedule: Schedule | None = None,
-                 climate: Climate | None = None, scenario: str = "custom") -> None:
+                 climate: Climate | None = None, scenario: str = "custom",
+                 model_names: list[str] | None = None) -> None:
         self.n = tractors
         self.seed = seed
         self.start = start.astimezone(UTC)
         self.scenario = scenario
         self.ids = [f"T{i + 1:05d}" for i in range(tractors)]
+        self.model_names = model_names or ["standard"] * tractors
         self.parts = parts or parts_from_catalog(None)
         self.wear = list(wear or [])
         self.faults = list(faults or [])
@@ -246,6 +248,7 @@ class Fleet:
             "samples_per_message": self.network.samples_per_message,
             "reference": REFERENCE,
             "tractors": ids,
+            "tractor_models": dict(zip(ids, self.model_names, strict=True)),
             "wear": [
                 {"tractor_id": ids[w.tractor_index], "part_id": w.part_id, "signal": w.signal, "kind": w.kind,
                  "onset": self._iso(w.onset_s), "failure_time": self._iso(w.failure_s),

@@ -183,8 +183,9 @@ class Schedule:
     road_minutes: tuple[float, float] = (10.0, 40.0)
     lunch_minutes: tuple[float, float] = (30.0, 60.0)
     lunch_engine_off_probability: float = 0.5
-    field_rpm: tuple[float, float] = (1750.0, 2050.0)
-    field_load: tuple[float, float] = (50.0, 80.0)
+    # Ranges the day's field-work setpoints are drawn from; per-tractor arrays when the fleet mixes models.
+    field_rpm: tuple[float | np.ndarray, float | np.ndarray] = (1750.0, 2050.0)
+    field_load: tuple[float | np.ndarray, float | np.ndarray] = (50.0, 80.0)
 
 
 @dataclass(frozen=True)

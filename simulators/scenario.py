@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import tomllib
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -74,6 +75,15 @@ class ClimateConfig(_Ranges):
         _range(4.0, 8.0)
     weather_sigma_c: Annotated[float, Field(ge=0, le=15)] = 3.0
     weather_tau_days: Annotated[float, Field(gt=0, le=30)] = 1.0
+
+
+class ModelConfig(_Ranges):
+    """A tractor model in the fleet: its share and how hard it is driven in the field."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    share: Annotated[float, Field(gt=0)] = 1.0
+    field_rpm: tuple[Annotated[float, Field(ge=900, le=2600)], Annotated[float, Field(ge=900, le=2600)]] | None = None
+    field_load: tuple[Annotated[float, Field(ge=10, le=100)], Annotated[float, Field(ge=10, le=100)]] | None = None
 
 
 class WearEntry(_Strict):
@@ -167,6 +177,7 @@ class ScenarioFile(_Strict):
     start: datetime | None = None
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     climate: ClimateConfig = Field(default_factory=ClimateConfig)
+    models: list[ModelConfig] = Field(default_factory=list)
     degrading: Degrading | None = None
     wear: list[WearEntry] = Field(default_factory=list)
     wear_mix: WearMix = Field(default_factory=WearMix)
@@ -382,10 +393,29 @@ def build(sc: ScenarioFile, *, tractors: int | None = None, days: float | None =
                         sunday_work_probability=sched.sunday_work_probability, start_hour=sched.start_hour,
                         end_hour=sched.end_hour, lunch_engine_off_probability=sched.lunch_engine_off_probability,
                         field_rpm=sched.field_rpm, field_load=sched.field_load)
+    names: list[str] | None = None
+    if sc.models:
+        names, rpm_lo, rpm_hi, load_lo, load_hi = _assign_models(sc, n, seed)
+        schedule = replace(schedule, field_rpm=(rpm_lo, rpm_hi), field_load=(load_lo, load_hi))
     climate = Climate(**sc.climate.model_dump())
     fleet = Fleet(n, seed, begin, wear=wear, faults=faults, network=network, parts=parts, schedule=schedule,
-                  climate=climate, scenario=sc.name)
+                  climate=climate, scenario=sc.name, model_names=names)
     return fleet, days, period
+
+
+def _assign_models(sc: ScenarioFile, n: int, seed: int) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray,
+                                                                    np.ndarray]:
+    """Each tractor's model (shares rounded by largest remainder, shuffled) and its field-work ranges."""
+    shares = np.array([m.share for m in sc.models], dtype=np.float64)
+    exact = shares / shares.sum() * n
+    counts = np.floor(exact).astype(int)
+    for k in np.argsort(-(exact - counts), kind="stable")[: n - int(counts.sum())]:
+        counts[k] += 1
+    which = np.random.default_rng([seed, 9]).permutation(np.repeat(np.arange(len(sc.models)), counts))
+    default = sc.schedule
+    rpm = np.array([m.field_rpm or default.field_rpm for m in sc.models], dtype=np.float64)[which]
+    load = np.array([m.field_load or default.field_load for m in sc.models], dtype=np.float64)[which]
+    return [sc.models[k].name for k in which], rpm[:, 0], rpm[:, 1], load[:, 0], load[:, 1]
 
 
 def _on_grid(seconds: float, period: float) -> float:

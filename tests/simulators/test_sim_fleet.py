@@ -170,3 +170,16 @@ def test_run_fleet_publishes_every_message_to_the_sink() -> None:
     telemetry = [m for m in sink.messages if m[0].endswith("/telemetry")]
     assert result.messages == len(telemetry) == fleet.truth()["messages"]
     assert result.readings == sum(len(s["readings"]) for _, p in telemetry for s in json.loads(p)["samples"])
+
+
+def test_tractor_models_follow_their_shares_and_field_ranges() -> None:
+    sc = load("mixed-wear")
+    fleet, _, _ = build(sc, tractors=200, days=2.0, start=START)
+    truth = fleet.truth()
+    names = list(truth["tractor_models"].values())
+    assert Counter(names) == {"utility-110hp": 100, "row-crop-180hp": 70, "orchard-75hp": 30}
+    plan, _ = fleet.model.plan(DAY / 2)
+    ranges = {m.name: (m.field_rpm, m.field_load) for m in sc.models}
+    for i, name in enumerate(names):
+        (rlo, rhi), (llo, lhi) = ranges[name]
+        assert rlo <= plan.rpm_field[i] <= rhi and llo <= plan.load_field[i] <= lhi
