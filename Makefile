@@ -50,6 +50,11 @@ bench: install
 bench-sim: install
 	$(BIN)/python -m bench.bench_sim
 
+## bench-runtime: functions runtime records/s through a no-op handler (1 and 2 workers) vs a bare kafka-python loop
+.PHONY: bench-runtime
+bench-runtime: install
+	$(BIN)/python -m bench.bench_runtime
+
 ## chaos: kill -9 each process in turn during a fleet run, then reconcile; exit 1 if anything was lost or doubled
 chaos: install
 	$(BIN)/fleetwatch chaos --seed $(or $(SEED),7) --kills $(or $(KILLS),2)
