@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +39,7 @@ class MemorySource:
         now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
         for i, value in enumerate(values):
             k = key(i, value) if key else None
-            p = (hash(k) % partitions) if k is not None else i % partitions
+            p = (zlib.crc32(k.encode()) % partitions) if k is not None else i % partitions
             source.append(topic, p, json.dumps(value).encode(), k.encode() if k else None, now)
         return source
 
@@ -92,6 +93,7 @@ def run_local(fn: FunctionConfig, handler: Handler, source: MemorySource,
             break
         invoker.process(batch)
     invoker.tick()
+    invoker.flush_logs()
     done = {tp: p for tp, p in invoker.positions.items() if p is not None}
     return LocalResult(done, invoker.failures, invoker)
 

@@ -17,9 +17,12 @@ from sqlalchemy.orm import Session
 Handler = Callable[[dict[str, Any], "Context"], Any]
 
 
-@dataclass(frozen=True)
+_UNDECODED: Any = object()
+
+
+@dataclass(slots=True)
 class Record:
-    """One Kafka record as the runtime sees it."""
+    """One Kafka record as the runtime sees it (treat as read-only)."""
 
     topic: str
     partition: int
@@ -28,28 +31,109 @@ class Record:
     key: bytes | None
     value: bytes
     headers: tuple[tuple[str, bytes], ...] = ()
+    _decoded: Any = field(default=_UNDECODED, repr=False, compare=False)
 
     def json(self) -> Any:
-        """The value decoded as JSON, or None when it is not JSON."""
-        try:
-            return json.loads(self.value)
-        except ValueError:
-            return None
+        """The value decoded as JSON, or None when it is not JSON (decoded once, then cached)."""
+        if self._decoded is _UNDECODED:
+            try:
+                self._decoded = json.loads(self.value)
+            except ValueError:
+                self._decoded = None
+        return self._decoded
+
+
+_LAZY_FIELDS = ("key", "value", "headers", "json")
+
+
+class EventRecord(dict):  # type: ignore[type-arg]
+    """A record in the shape of AWS Lambda's Kafka event, plus ``json``: the value decoded as JSON.
+
+    A plain dict to the handler; the base64 fields and the decoded value are computed on first access, so a
+    handler that never reads them does not pay for them (iteration, ``items()`` and ``json.dumps`` see all).
+    """
+
+    __slots__ = ("_record",)
+
+    def __init__(self, r: Record) -> None:
+        super().__init__(topic=r.topic, partition=r.partition, offset=r.offset, timestamp=r.timestamp,
+                         timestampType="CREATE_TIME")
+        self._record = r
+
+    def _fill(self, name: str) -> Any:
+        r = self._record
+        if name == "key":
+            value: Any = base64.b64encode(r.key).decode() if r.key is not None else None
+        elif name == "value":
+            value = base64.b64encode(r.value).decode()
+        elif name == "headers":
+            value = [{k: list(v)} for k, v in r.headers]
+        else:
+            value = r.json()
+        dict.__setitem__(self, name, value)
+        return value
+
+    def _complete(self) -> None:
+        for name in _LAZY_FIELDS:
+            if not dict.__contains__(self, name):
+                self._fill(name)
+
+    def __missing__(self, name: str) -> Any:
+        if name in _LAZY_FIELDS:
+            return self._fill(name)
+        raise KeyError(name)
+
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        """Like dict.get, computing lazy fields."""
+        if dict.__contains__(self, name):
+            return dict.__getitem__(self, name)
+        return self._fill(name) if name in _LAZY_FIELDS else default
+
+    def __contains__(self, name: object) -> bool:
+        return dict.__contains__(self, name) or name in _LAZY_FIELDS
+
+    def __iter__(self):  # type: ignore[no-untyped-def]  # noqa: ANN204
+        self._complete()
+        return dict.__iter__(self)
+
+    def __len__(self) -> int:
+        self._complete()
+        return dict.__len__(self)
+
+    def __eq__(self, other: object) -> bool:
+        self._complete()
+        return dict.__eq__(self, other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        self._complete()
+        return dict.__repr__(self)
+
+    def keys(self):  # type: ignore[no-untyped-def]  # noqa: ANN201
+        """All keys, lazy ones included."""
+        self._complete()
+        return dict.keys(self)
+
+    def items(self):  # type: ignore[no-untyped-def]  # noqa: ANN201
+        """All items, lazy ones computed."""
+        self._complete()
+        return dict.items(self)
+
+    def values(self):  # type: ignore[no-untyped-def]  # noqa: ANN201
+        """All values, lazy ones computed."""
+        self._complete()
+        return dict.values(self)
+
+    def copy(self) -> dict[str, Any]:
+        """A plain dict with every field."""
+        self._complete()
+        return dict(dict.items(self))
 
 
 def event_record(r: Record) -> dict[str, Any]:
     """A record in the shape of AWS Lambda's Kafka event, plus the decoded JSON value."""
-    return {
-        "topic": r.topic,
-        "partition": r.partition,
-        "offset": r.offset,
-        "timestamp": r.timestamp,
-        "timestampType": "CREATE_TIME",
-        "key": base64.b64encode(r.key).decode() if r.key is not None else None,
-        "value": base64.b64encode(r.value).decode(),
-        "headers": [{k: list(v)} for k, v in r.headers],
-        "json": r.json(),
-    }
+    return EventRecord(r)
 
 
 def filter_document(r: Record) -> dict[str, Any]:

@@ -208,6 +208,8 @@ class Invoker:
         self._todo: dict[TP, list[int]] = {}
         self._cursor: dict[TP, int] = {}
         self._unlogged_filtered = 0
+        self._log_buffer: list[dict[str, Any]] = []
+        self._log_flushed = time.monotonic()
 
     # -------------------------------------------------------------- ownership
     def assign(self, positions: dict[TP, int | None], windows: dict[TP, Window] | None = None) -> None:
@@ -427,11 +429,12 @@ class Invoker:
 
     def _frontier(self, newly_done: Sequence[tuple[str, int, int]]) -> dict[TP, int]:
         """Next offsets once ``newly_done`` are done: each partition moves past its contiguous done prefix."""
-        done = self._done | set(newly_done)
+        done, extra = self._done, set(newly_done)
         offsets: dict[TP, int] = {}
         for tp, todo in self._todo.items():
             i = self._cursor[tp]
-            while i < len(todo) and (tp[0], tp[1], todo[i]) in done:
+            t, p = tp
+            while i < len(todo) and ((t, p, todo[i]) in extra or (t, p, todo[i]) in done):
                 i += 1
             if i > self._cursor[tp]:
                 offsets[tp] = todo[i - 1] + 1
@@ -561,37 +564,57 @@ class Invoker:
         return failed
 
     # -------------------------------------------------------------- invocation logs
-    def _log_row(self, session: Session, ctx: Context, started_at: datetime, started: float, size: int,
-                 outcome: str, detail: str | None, records: Sequence[Record]) -> None:
+    def _log_values(self, ctx: Context, started_at: datetime, started: float, size: int, outcome: str,
+                    detail: str | None, records: Sequence[Record]) -> dict[str, Any]:
         newest = max((r.timestamp for r in records), default=None)
         filtered, self._unlogged_filtered = self._unlogged_filtered, 0
-        session.execute(insert(store.fn_invocations).values(
+        return dict(
             function=self.fn.name, request_id=ctx.request_id, started_at=started_at,
             duration_ms=(time.monotonic() - started) * 1000, batch_size=size, outcome=outcome, detail=detail,
             worker=self.worker, records_failed=0, records_filtered=filtered,
             iterator_age_ms=int(self.clock() * 1000) - newest if newest is not None else None,
-            log="\n".join(ctx.captured.lines) or None))
+            log="\n".join(ctx.captured.lines) or None)
+
+    def _log_row(self, session: Session, ctx: Context, started_at: datetime, started: float, size: int,
+                 outcome: str, detail: str | None, records: Sequence[Record]) -> None:
+        session.execute(insert(store.fn_invocations).values(
+            self._log_values(ctx, started_at, started, size, outcome, detail, records)))
 
     def _log_separately(self, ctx: Context, started_at: datetime, started: float, size: int, outcome: str,
                         detail: str | None, records: Sequence[Record]) -> None:
-        if not self.log_sessions:
-            return
-        with self.log_sessions() as session:
-            self._log_row(session, ctx, started_at, started, size, outcome, detail, records)
-            session.commit()
+        self._buffer_log(self._log_values(ctx, started_at, started, size, outcome, detail, records))
+
+    def _event_values(self, outcome: str, size: int, failed: int = 0, filtered: int = 0,
+                      detail: str | None = None) -> dict[str, Any]:
+        return dict(function=self.fn.name, request_id="-", started_at=datetime.now(UTC), duration_ms=0.0,
+                    batch_size=size, outcome=outcome, detail=detail[:2000] if detail else None, worker=self.worker,
+                    records_failed=failed, records_filtered=filtered, iterator_age_ms=None, log=None)
 
     def _log_event(self, session: Session, outcome: str, size: int, failed: int = 0, filtered: int = 0,
                    detail: str | None = None) -> None:
         """A log row for runtime actions that are not invocations (on-failure, filtered-only commits)."""
-        session.execute(insert(store.fn_invocations).values(
-            function=self.fn.name, request_id="-", started_at=datetime.now(UTC), duration_ms=0.0,
-            batch_size=size, outcome=outcome, detail=detail[:2000] if detail else None, worker=self.worker,
-            records_failed=failed, records_filtered=filtered))
+        session.execute(insert(store.fn_invocations).values(self._event_values(outcome, size, failed, filtered,
+                                                                               detail)))
 
     def _log_event_separately(self, outcome: str, size: int, failed: int = 0, filtered: int = 0,
                               detail: str | None = None) -> None:
+        self._buffer_log(self._event_values(outcome, size, failed, filtered, detail))
+
+    def _buffer_log(self, row: dict[str, Any]) -> None:
+        """Log rows outside a handler transaction are written in bulk (at most ~1 s late)."""
         if not self.log_sessions:
             return
+        self._log_buffer.append(row)
+        if len(self._log_buffer) >= 200 or time.monotonic() - self._log_flushed > 1.0:
+            self.flush_logs()
+
+    def flush_logs(self) -> None:
+        """Write buffered invocation log rows (call when idle and before exiting)."""
+        if not self._log_buffer or not self.log_sessions:
+            self._log_flushed = time.monotonic()
+            return
+        rows, self._log_buffer = self._log_buffer, []
         with self.log_sessions() as session:
-            self._log_event(session, outcome, size, failed, filtered, detail)
+            session.execute(insert(store.fn_invocations), rows)
             session.commit()
+        self._log_flushed = time.monotonic()

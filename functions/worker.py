@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError
@@ -35,10 +36,15 @@ class KafkaCheckpointer:
         """Synchronously commit offsets to the consumer group; a lost partition raises Fenced."""
         if not offsets:
             return
-        try:
-            self.consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()})
-        except CommitFailedError as exc:
-            raise Fenced(str(exc)) from exc
+        # Asynchronous: a commit that fails only means those records are delivered again (at-least-once);
+        # the worker commits synchronously when it leaves the group.
+        self.consumer.commit_async({TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
+                                    for (t, p), o in offsets.items()}, callback=self._done)
+
+    @staticmethod
+    def _done(offsets: Any, response: Any) -> None:
+        if isinstance(response, Exception):
+            log.warning("offset commit failed (records will be delivered again): %s", response)
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -47,8 +53,11 @@ class _Rebalance(ConsumerRebalanceListener):
     def __init__(self, worker: KafkaWorker) -> None:
         self.worker = worker
 
+    # kafka-python runs these on its IO thread, where blocking consumer calls are not allowed: assigned
+    # partitions are paused here and positioned by the worker's own thread before they are read.
     def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
         self.worker.generation += 1
+        self.worker.unpositioned.difference_update(revoked)
         tps = sorted((tp.topic, tp.partition) for tp in revoked)
         self.worker.invoker.revoke(tps)
         if tps:
@@ -58,7 +67,9 @@ class _Rebalance(ConsumerRebalanceListener):
         self.worker.generation += 1
         tps = sorted((tp.topic, tp.partition) for tp in assigned)
         log.info("%s[%s]: partitions assigned %s", self.worker.fn.name, self.worker.worker_id, tps)
-        self.worker.seek(list(assigned))
+        if assigned:
+            self.worker.consumer.pause(*assigned)
+            self.worker.unpositioned.update(assigned)
 
 
 class KafkaWorker:
@@ -73,6 +84,7 @@ class KafkaWorker:
         self.worker_id = worker_id or f"{os.uname().nodename}:{os.getpid()}"
         self.stop_event = threading.Event()
         self.generation = 0
+        self.unpositioned: set[TopicPartition] = set()  # assigned, paused, not yet positioned
         self.topics = [self.topic(t) for t in fn.source_topics]
         self.group = self.topic(fn.group)
         self.consumer = KafkaConsumer(
@@ -185,13 +197,17 @@ class KafkaWorker:
             left = deadline - time.monotonic()
             polled = self.consumer.poll(timeout_ms=max(int(left * 1000), 0) if batch else 200,
                                         max_records=self.fn.batch_size - len(batch))
-            if self.generation != generation:
-                # A rebalance happened inside poll(): partitions were re-seeked, earlier records may be stale.
-                batch, generation = [], self.generation
             for recs in polled.values():
                 batch.extend(Record(m.topic, m.partition, m.offset, m.timestamp, m.key, m.value or b"",
-                                    tuple((k, v or b"") for k, v in (m.headers or [])))
+                                    tuple((k, v or b"") for k, v in m.headers) if m.headers else ())
                              for m in recs)
+            if self.generation != generation or self.unpositioned:
+                # A rebalance happened inside poll(): start the batch over from a clean state.
+                self._unread(batch)
+                if self.unpositioned:
+                    self._position_assigned()
+                batch, generation = [], self.generation
+                continue
             if not batch or time.monotonic() >= deadline:
                 break
         batch.sort(key=lambda r: (r.topic, r.partition, r.offset))
@@ -211,6 +227,8 @@ class KafkaWorker:
                 if batch:
                     self.invoker.process(batch)
                 busy = {(r.topic, r.partition) for r in batch}
+                if not batch:
+                    self.invoker.flush_logs()
                 self.invoker.tick({(tp.topic, tp.partition) for tp in self.consumer.assignment()} - busy)
                 if not batch:
                     continue
@@ -233,6 +251,25 @@ class KafkaWorker:
                 except KafkaError:
                     pass
 
+    def _unread(self, batch: list[Record]) -> None:
+        """Put the consumer back to the first record of ``batch`` on each partition it still owns."""
+        first: dict[TopicPartition, int] = {}
+        for r in batch:
+            tp = TopicPartition(r.topic, r.partition)
+            first[tp] = min(first.get(tp, r.offset), r.offset)
+        owned = self.consumer.assignment()
+        for tp, offset in first.items():
+            if tp in owned and tp not in self.unpositioned:
+                self.consumer.seek(tp, offset)
+
+    def _position_assigned(self) -> None:
+        """Seek newly assigned partitions to their durable offsets, then let them be read."""
+        partitions = [tp for tp in self.unpositioned if tp in self.consumer.assignment()]
+        self.seek(partitions)
+        self.unpositioned.clear()
+        if partitions:
+            self.consumer.resume(*partitions)
+
     def _rewind(self) -> None:
         try:
             self.seek(list(self.consumer.assignment()))
@@ -242,6 +279,17 @@ class KafkaWorker:
     def close(self) -> None:
         """Leave the group and release clients."""
         self.stop_event.set()
+        try:
+            self.invoker.flush_logs()
+        except OperationalError as exc:
+            log.error("%s: invocation logs not written: %s", self.fn.name, exc)
+        owned = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
+                 for (t, p), o in self.invoker.positions.items() if o is not None}
+        if owned and not self.sessions:
+            try:
+                self.consumer.commit(owned)
+            except (CommitFailedError, KafkaError) as exc:
+                log.warning("%s: final offset commit failed: %s", self.fn.name, exc)
         try:
             self.consumer.close(autocommit=False)
         finally:
