@@ -66,7 +66,10 @@ AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {401: {"model": schemas.Proble
 def _utc(dt: datetime | None) -> datetime | None:
     if dt is None:
         return None
-    return dt.astimezone(UTC) if dt.tzinfo else dt.replace(tzinfo=UTC)
+    try:
+        return dt.astimezone(UTC) if dt.tzinfo else dt.replace(tzinfo=UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00+14:00 has no UTC equivalent
+        raise HTTPException(422, f"date-time {dt.isoformat()} is out of range once converted to UTC") from None
 
 
 def _health_doc(row: Any) -> dict[str, Any]:

@@ -175,7 +175,9 @@ def test_bad_input_is_4xx_with_a_message(api: Api) -> None:
     c, h = api.client, api.h("admin")
     for path in ("/api/orders?limit=0", "/api/orders?limit=100000", "/api/orders?status=lost",
                  "/api/orders?sort=;drop", "/api/orders?placed_from=yesterday", "/api/orders/abc",
-                 f"/api/orders/{2**70}", "/api/orders?offset=-1", f"/api/orders?offset={2**70}"):
+                 f"/api/orders/{2**70}", "/api/orders?offset=-1", f"/api/orders?offset={2**70}",
+                 "/api/orders?placed_from=0001-01-01T00:00:00%2B14:00",
+                 "/api/tractors/T00001/trends/oil_pressure_kpa?since=9999-12-31T23:59:59-14:00"):
         r = c.get(path, headers=h)
         assert r.status_code == 422, path
         assert isinstance(r.json()["detail"], str) and r.json()["detail"], path
