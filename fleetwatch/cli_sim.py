@@ -71,8 +71,9 @@ def run_simulation(s: Settings, scenario: str, tractors: int | None, days: float
         fail(str(exc))
     try:
         sc = load(scenario)
-        if start is None and speed > 0:
-            start = datetime.now(UTC).replace(microsecond=0)  # real time: the simulated clock starts now
+        if start is None and 0 < speed <= 1:
+            # real time (or slower) starts now; faster runs end about now, so no timestamp lies in the future
+            start = datetime.now(UTC).replace(microsecond=0)
         fleet, days_, period = build(sc, tractors=tractors, days=days, seed=seed, period_s=period_s,
                                      degrading=degrading, start=start, catalog=catalog)
     except ScenarioError as exc:
@@ -117,7 +118,7 @@ def simulate(
                                                    help="simulated seconds between samples")] = None,
     degrading: Annotated[int | None, typer.Option(min=0, help="oil-pump-demo: tractors whose part wears")] = None,
     speed: Annotated[float, typer.Option(min=0, help="simulated s per wall s; 0 = as fast as possible, "
-                                                     "1 = real time starting now")] = 0.0,
+                                                     "1 = real time starting now, 3600 = an hour a second")] = 0.0,
     start: Annotated[str | None, typer.Option(help="simulated start, ISO-8601 (default: so the run ends now)")]
     = None,
     truth: Annotated[Path | None, typer.Option(help="write ground truth JSON here")] = None,
