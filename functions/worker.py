@@ -25,26 +25,46 @@ from functions.runtime import TP, DbCheckpointer, Fenced, Invoker, Stopped, Wind
 log = logging.getLogger("fleetwatch.functions")
 
 
-class KafkaCheckpointer:
-    """Commits offsets to Kafka (for functions without database effects); window state stays in memory."""
+class AsyncCommitter:
+    """Commits offsets to Kafka asynchronously, one request in flight at a time (newer offsets wait and merge)."""
 
     def __init__(self, consumer: KafkaConsumer) -> None:
         self.consumer = consumer
+        self._waiting: dict[TopicPartition, OffsetAndMetadata] = {}
+        self._inflight = False
+        self._lock = threading.Lock()
+
+    def commit(self, offsets: dict[TP, int]) -> None:
+        """Queue offsets; send them now unless a commit is still in flight."""
+        with self._lock:
+            self._waiting.update({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()})
+            if self._inflight or not self._waiting:
+                return
+            batch, self._waiting, self._inflight = self._waiting, {}, True
+        try:
+            self.consumer.commit_async(batch, callback=self._done)
+        except KafkaError as exc:
+            self._done(batch, exc)
+
+    def _done(self, offsets: Any, response: Any) -> None:
+        with self._lock:
+            self._inflight = False
+        if isinstance(response, Exception):
+            # Only means these records are delivered again after a restart (at-least-once).
+            log.warning("offset commit to Kafka failed: %s", response)
+
+
+class KafkaCheckpointer:
+    """Commits offsets to Kafka (for functions without database effects); window state stays in memory."""
+
+    def __init__(self, committer: AsyncCommitter) -> None:
+        self.committer = committer
 
     def commit(self, session: Session | None, offsets: dict[TP, int], expected: dict[TP, int | None],
                windows: dict[TP, Window | None]) -> None:
-        """Synchronously commit offsets to the consumer group; a lost partition raises Fenced."""
-        if not offsets:
-            return
-        # Asynchronous: a commit that fails only means those records are delivered again (at-least-once);
-        # the worker commits synchronously when it leaves the group.
-        self.consumer.commit_async({TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
-                                    for (t, p), o in offsets.items()}, callback=self._done)
-
-    @staticmethod
-    def _done(offsets: Any, response: Any) -> None:
-        if isinstance(response, Exception):
-            log.warning("offset commit failed (records will be delivered again): %s", response)
+        """Commit offsets to the consumer group after the batch (asynchronously; synchronously at close)."""
+        if offsets:
+            self.committer.commit(offsets)
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -95,7 +115,8 @@ class KafkaWorker:
             client_id=f"{self.group}-{self.worker_id}",
         )
         self.producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5)
-        checkpointer = DbCheckpointer(self.group) if self.sessions else KafkaCheckpointer(self.consumer)
+        self.committer = AsyncCommitter(self.consumer)
+        checkpointer = DbCheckpointer(self.group) if self.sessions else KafkaCheckpointer(self.committer)
         self.invoker = Invoker(fn, handler or load_handler(fn.handler), checkpointer, self.sessions,
                                log_sessions=self.log_sessions, send=self._send_sync, topic=self.topic,
                                publish=self.relay, group=self.group, worker=self.worker_id,
@@ -243,13 +264,8 @@ class KafkaWorker:
                 self.stop_event.wait(2)
                 self._rewind()
                 continue
-            if self.sessions:  # lag visibility for Kafka tools only; the database is authoritative
-                offsets = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
-                           for (t, p), o in self.invoker.positions.items() if o is not None}
-                try:
-                    self.consumer.commit_async(offsets)
-                except KafkaError:
-                    pass
+            if self.sessions and batch:  # lag visibility for Kafka tools only; the database is authoritative
+                self.committer.commit({tp: o for tp, o in self.invoker.positions.items() if o is not None})
 
     def _unread(self, batch: list[Record]) -> None:
         """Put the consumer back to the first record of ``batch`` on each partition it still owns."""
