@@ -6,7 +6,7 @@ import csv
 import io
 import json
 
-from conftest import Api
+from ordering_fixtures import Api
 from sqlalchemy import select
 
 from functions import store

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import uvicorn
-from conftest import make_tokens
+from ordering_fixtures import make_tokens
 from playwright.sync_api import BrowserContext, Page, expect, sync_playwright
 from sqlalchemy.orm import Session, sessionmaker
 

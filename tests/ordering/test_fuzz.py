@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 import schemathesis
-from conftest import make_tokens, seed_fleet
 from hypothesis import HealthCheck, given, settings
+from ordering_fixtures import make_tokens, seed_fleet
 from schemathesis.checks import not_a_server_error
 
 from fleetwatch.db import upgrade

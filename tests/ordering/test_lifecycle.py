@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import T0, alert
+from ordering_fixtures import T0, alert
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 

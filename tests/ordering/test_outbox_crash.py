@@ -13,8 +13,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import alert, free_port_for_tests
 from kafka import KafkaConsumer, TopicPartition
+from ordering_fixtures import alert, free_port_for_tests
 from sqlalchemy import func, select
 
 from fleetwatch.db import upgrade
