@@ -28,6 +28,7 @@ class Fault:
     end_s: float
     magnitude: float = 0.0
     seed: int = 0
+    affected: int = 0  # samples the fault actually distorted (0 when the engine was off all the while)
     _stuck_value: float | None = field(default=None, repr=False)
     _rng: np.random.Generator | None = field(default=None, repr=False)
 
@@ -77,6 +78,7 @@ class FaultSet:
             still.append(f)
             if running[f.tractor_index]:
                 f.apply(readings, missing, t)
+                f.affected += 1
                 if f.kind == "out_of_range":
                     if invalid is None:
                         invalid = np.zeros(readings.shape, dtype=bool)

@@ -70,8 +70,10 @@ class Fleet:
         self.faults = list(faults or [])
         self.network = network or Network()
         self.model = TractorModel(tractors, seed, self.start.timestamp(), self.parts, schedule, climate)
-        self._fault_set = FaultSet([Fault(f.tractor_index, f.signal, f.kind, f.start_s, f.end_s, f.magnitude, seed)
-                                    for f in self.faults])
+        # fresh copies carry the run's state (stuck value, noise generator, samples affected)
+        self._applied = [Fault(f.tractor_index, f.signal, f.kind, f.start_s, f.end_s, f.magnitude, seed)
+                         for f in self.faults]
+        self._fault_set = FaultSet(self._applied)
         self._failure = {p.signal: p.failure for p in self.parts.values()}
         # Per signal and wear kind: tractor indices, onsets and failure times, for one vectorised pass per step.
         self._wear_groups: dict[str, list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]] = {}
@@ -259,8 +261,8 @@ class Fleet:
             "faults": [
                 {"tractor_id": ids[f.tractor_index], "signal": f.signal, "kind": f.kind,
                  "start": self._iso(f.start_s), "end": self._iso(f.end_s), "magnitude": round(f.magnitude, 4),
-                 "invalid": f.kind == "out_of_range"}
-                for f in self.faults
+                 "invalid": f.kind == "out_of_range", "samples_affected": f.affected}
+                for f in self._applied
             ],
             "network": {
                 "gaps": [{"tractor_id": ids[i], "start": self._iso(a), "end": self._iso(b)}

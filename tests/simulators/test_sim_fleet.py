@@ -105,6 +105,10 @@ def test_fault_changes_only_the_labelled_signal_in_the_labelled_window(kind: str
     assert {(c[0], c[1]) for c in changed} == {("T00002", "coolant_temp_c")}
     assert all(lo <= c[2] <= hi for c in changed)
     values = [c[3] for c in changed]
+    if kind == "stuck":  # the first faulty sample keeps its true value
+        assert label["samples_affected"] == len(changed) + 1
+    else:
+        assert label["samples_affected"] == len(changed)
     if kind == "dropout":
         assert all(v is None for v in values)
     elif kind == "stuck":
