@@ -26,9 +26,11 @@ class Producer(Protocol):
     """The part of ``kafka.KafkaProducer`` the relay uses."""
 
     def send(self, topic: str, key: bytes | None = None, value: bytes | None = None,
-             headers: list[tuple[str, bytes]] | None = None) -> Any: ...  # noqa: D102
+             headers: list[tuple[str, bytes]] | None = None) -> Any:
+        """Queue a record; returns a future whose ``get`` waits for the broker's acknowledgement."""
 
-    def close(self, timeout: float | None = None) -> None: ...  # noqa: D102
+    def close(self, timeout: float | None = None) -> None:
+        """Flush and release the client."""
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import uvicorn
-from ordering_fixtures import make_tokens
+from ordering_fixtures import free_port_for_tests, make_tokens
 from playwright.sync_api import BrowserContext, Page, expect, sync_playwright
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -21,17 +20,11 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture()
 def served(seeded_db: tuple[str, sessionmaker[Session]]) -> Iterator[tuple[str, dict[str, str]]]:
     """The app under uvicorn on a free local port; yields its base URL and one token per role."""
     _, sessions = seeded_db
-    port = free_port()
+    port = free_port_for_tests()
     server = uvicorn.Server(uvicorn.Config(create_app(sessions), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
