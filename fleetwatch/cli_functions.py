@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from fleetwatch.common import console, err, fail, get_settings, setup_logging
@@ -27,7 +28,7 @@ def _functions(s: Settings) -> dict[str, FunctionConfig]:
     try:
         return load_functions(s.functions_path)
     except ConfigError as exc:
-        fail(str(exc))
+        fail(escape(str(exc)))
         raise  # unreachable: fail() exits
 
 
@@ -266,12 +267,12 @@ def functions_invoke(
         doc = json.loads(event.read_text())
         records = records_from_event(doc, s.topic(fn.source_topics[0]))
     except (ValueError, UnicodeDecodeError) as exc:
-        fail(f"{event}: {exc}")
+        fail(escape(f"{event}: {exc}"))
     extra = {k: v for k, v in doc.items() if k not in ("records", "eventSource")} if isinstance(doc, dict) else None
     try:
         handler = load_handler(fn.handler)
     except ImportError as exc:
-        fail(str(exc))
+        fail(escape(str(exc)))
     engine = make_engine(s.db_url) if fn.transactional else None
     session = make_sessions(engine)() if engine is not None else None
     started = time.monotonic()
