@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit lint down status bench bench-sim clean chaos soak audit
+.PHONY: install demo test test-unit lint down status bench bench-sim bench-bridge clean chaos soak audit
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ bench: install
 ## bench-sim: simulator → Mosquitto throughput in gateway mode (10,000 tractors × 1 Hz) vs a bare paho loop
 bench-sim: install
 	$(BIN)/python -m bench.bench_sim
+
+## bench-bridge: MQTT → Kafka bridge msg/s and readings/s (1 and 2 processes) vs bare paho + producer loops
+bench-bridge: install
+	$(BIN)/python -m bench.bench_bridge
 
 ## bench-runtime: functions runtime records/s through a no-op handler (1 and 2 workers) vs a bare kafka-python loop
 .PHONY: bench-runtime

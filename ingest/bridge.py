@@ -18,15 +18,16 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from kafka import KafkaProducer
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from ingest.contract import TELEMETRY_TOPIC_FILTER
 from ingest.deadletter import dead_letter, encode
+from ingest.kafka_out import KafkaSendError, RecordSink, make_sink
 from ingest.metrics import BridgeMetrics
 from ingest.validate import Limits, Rejection, Verdict, topic_tractor, validate
 
@@ -55,6 +56,7 @@ class BridgeConfig:
     metrics_host: str = "127.0.0.1"
     max_inflight_bytes: int = 64 * 1024 * 1024  # Kafka record bytes not yet acknowledged (memory bound)
     kafka_delivery_timeout_ms: int = 120_000
+    kafka_client: str = "auto"  # "confluent" (librdkafka) when installed, else "kafka-python"
 
     @property
     def subscription(self) -> str:
@@ -163,7 +165,8 @@ class Bridge:
         self._kafka_failed = threading.Event()
         self._serving_metrics = False
         self.subscribed = threading.Event()
-        self.producer = self._new_producer()
+        self._sink_epoch = 0
+        self.sink: RecordSink | None = self._new_sink()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=config.client_id,
                                   protocol=mqtt.MQTTv5, manual_ack=True)
         if config.username:
@@ -177,20 +180,11 @@ class Bridge:
         self.client.on_message = self._on_message
         self.client.on_disconnect = self._on_disconnect
 
-    def _new_producer(self) -> KafkaProducer:
-        return KafkaProducer(
-            bootstrap_servers=self.config.bootstrap,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=5,
-            batch_size=256 * 1024,
-            metrics_enabled=False,
-            max_in_flight_requests_per_connection=5,
-            delivery_timeout_ms=self.config.kafka_delivery_timeout_ms,
-            request_timeout_ms=30_000,
-            max_block_ms=20_000,
-            reconnect_backoff_max_ms=2_000,
-        )
+    def _new_sink(self) -> RecordSink:
+        self._sink_epoch += 1
+        failed = partial(self._kafka_failure, self._sink_epoch)
+        return make_sink(self.config.kafka_client, self.config.bootstrap, self.config.kafka_delivery_timeout_ms,
+                         self.config.max_inflight_bytes * 2, on_fatal=failed)
 
     # ------------------------------------------------------------------ MQTT callbacks
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: Any, reason: Any,  # noqa: ANN401
@@ -252,20 +246,21 @@ class Bridge:
                          sum(len(s["readings"]) for s in samples), bool(verdict.rejections), size)
         self.tracker.add(entry)
         metrics.in_flight.inc()
-        done = self._record_done
+        done = partial(self._record_done, entry)
+        failed = partial(self._kafka_failure, self._sink_epoch)
+        sink = self.sink
         for topic_name, key, value in records:
             try:
-                future = self.producer.send(topic_name, key=key, value=value)
-            except Exception as exc:  # producer buffer full for max_block_ms, or the producer was closed
-                self._kafka_failure(exc)
+                sink.send(topic_name, key, value, done, failed)  # type: ignore[union-attr]
+            except (KafkaSendError, AttributeError) as exc:  # queue full for too long, or no producer right now
+                failed(exc)
                 return
-            future.add_callback(done, entry).add_errback(self._kafka_failure)
 
     def _ack(self, entry: _Pending) -> None:
         if entry.qos > 0:
             self.client.ack(entry.mid, entry.qos)
 
-    def _record_done(self, entry: _Pending, _metadata: object = None) -> None:
+    def _record_done(self, entry: _Pending) -> None:
         for e in self.tracker.record_done(entry, self._ack):
             m = self.metrics
             m.acked.inc()
@@ -278,7 +273,9 @@ class Bridge:
             if e.dlq:
                 m.dead_lettered.inc()
 
-    def _kafka_failure(self, exc: BaseException) -> None:
+    def _kafka_failure(self, epoch: int, exc: BaseException) -> None:
+        if epoch != self._sink_epoch:
+            return  # a late complaint of a producer already replaced
         if not self._kafka_failed.is_set():
             log.error("Kafka did not acknowledge a record (%s); holding acks and reconnecting for redelivery", exc)
             self.metrics.kafka_failures.inc()
@@ -325,9 +322,11 @@ class Bridge:
         self.tracker.reset()  # from here on, late Kafka acks of this connection are ignored
         self.client.disconnect()
         self.client.loop_stop()
-        old, self.producer = self.producer, None  # type: ignore[assignment]
+        old, self.sink = self.sink, None
+        self._sink_epoch += 1  # late callbacks of the old producer are ignored from here on
         try:
-            old.close(timeout=1)
+            if old is not None:
+                old.close(timeout=1)
         except Exception:  # closing a producer that cannot reach Kafka may complain; it is discarded anyway
             log.debug("closing the failed producer", exc_info=True)
         self.tracker.forget_bytes()
@@ -335,7 +334,7 @@ class Bridge:
         if self._stop.wait(backoff):
             return
         try:
-            self.producer = self._new_producer()
+            self.sink = self._new_sink()
         except Exception as exc:  # Kafka still unreachable: try again after the next backoff
             log.warning("Kafka unreachable (%s); retrying", exc)
             self._kafka_failed.set()
@@ -354,23 +353,23 @@ class Bridge:
         """
         self._closing = True
         try:
-            if self.producer is not None:
-                self.producer.flush(timeout=10)
+            if self.sink is not None:
+                self.sink.flush(10)
             time.sleep(0.2)  # let the network thread write the last PUBACKs
         except Exception:
             log.warning("Kafka did not take the last records; they will be redelivered", exc_info=True)
         finally:
             self.client.disconnect()
             self.client.loop_stop()
-            if self.producer is not None:
-                self.producer.close(timeout=5)
+            if self.sink is not None:
+                self.sink.close(5)
 
 
 def end_session(config: BridgeConfig, timeout: float = 10.0) -> None:
     """Delete a worker's persistent session at the broker (its queued messages go with it).
 
-    Only for sessions that must never come back, e.g. test workers; a retired production worker should be
-    drained first (``fleetwatch ingest run --workers N`` does that for workers it no longer runs).
+    Only for sessions that must never come back (test workers, or a retired worker whose backlog was
+    drained first by running it once more): Mosquitto round-robins a shared group over offline sessions too.
     """
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=config.client_id, protocol=mqtt.MQTTv5)
     if config.username:
