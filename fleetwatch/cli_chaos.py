@@ -27,22 +27,31 @@ def chaos(
                                                            "before a reconnect (0: off, to measure the loss)")]
     = 30.0,
     kafka_brokers: Annotated[int, typer.Option(min=1, max=3, help="1, or 3 for a replicated cluster")] = 1,
+    victims: Annotated[str, typer.Option(help="comma-separated processes to kill (default: all of them)")]
+    = "simulator,mosquitto,bridge,fn-trends,fn-ordering,kafka,postgres",
     reduced: Annotated[bool, typer.Option(help="the CI-sized run (every process killed once)")] = False,
     port_offset: Annotated[int, typer.Option(help="chaos stack ports = your FLEETWATCH_* ports + this")] = 300,
     keep: Annotated[bool, typer.Option(help="leave the chaos stack running afterwards")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the result here")] = None,
 ) -> None:
     """Run a fleet through the full stack while killing -9 each process in turn; reconcile; exit 1 on any loss."""
-    from fleetwatch.chaos import ChaosError, Plan, run_chaos
+    from fleetwatch.chaos import VICTIMS, ChaosError, Plan, run_chaos
 
+    chosen = tuple(v.strip() for v in victims.split(",") if v.strip())
+    unknown = [v for v in chosen if v not in VICTIMS]
+    if unknown or not chosen:
+        fail(f"--victims: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(VICTIMS)}")
     base = Plan.reduced(seed) if reduced else Plan(seed=seed)
     overrides = {k: v for k, v in {"tractors": tractors, "days": days, "kills": kills, "publish_s": publish_s}.items()
                  if v is not None}
-    plan = Plan(**{**base.__dict__, **overrides, "retention_s": retention_s, "kafka_brokers": kafka_brokers})
+    plan = Plan(**{**base.__dict__, **overrides, "retention_s": retention_s, "kafka_brokers": kafka_brokers,
+                   "victims": chosen})
+    from fleetwatch.stack import StackError
+
     try:
         result = run_chaos(plan, get_settings(), port_offset=port_offset, keep=keep,
                            say=lambda m: console.print(f"[dim]{m}[/dim]", highlight=False))
-    except ChaosError as exc:
+    except (ChaosError, StackError) as exc:
         fail(str(exc), code=1)
         return
     p = result.plan
@@ -79,11 +88,12 @@ def soak(
 ) -> None:
     """Steady load for DURATION seconds; report each process's memory over time; exit 1 on unbounded growth."""
     from fleetwatch.chaos import ChaosError, run_soak
+    from fleetwatch.stack import StackError
 
     try:
         report = run_soak(get_settings(), duration, tractors, rate, port_offset,
                           say=lambda m: console.print(f"[dim]{m}[/dim]", highlight=False))
-    except ChaosError as exc:
+    except (ChaosError, StackError) as exc:
         fail(str(exc), code=1)
         return
     table = Table("process", "RSS start MiB", "RSS end MiB", "max MiB", "slope 2nd half MiB/h", "",
