@@ -12,6 +12,7 @@ from fleetwatch.cli_functions import functions_app
 from fleetwatch.cli_ingest import devices_app, ingest_app, print_status
 from fleetwatch.cli_orders import api_app, demo_token_path, orders_app, orders_rows, tokens_app
 from fleetwatch.cli_sim import run_simulation, sim_app
+from fleetwatch.cli_trends import evaluate_app, trends_app
 from fleetwatch.common import console, fail, get_settings
 
 app = typer.Typer(help="Fleetwatch: streaming predictive maintenance for tractor fleets.", no_args_is_help=True,
@@ -26,6 +27,8 @@ app.add_typer(db_app, name="db")
 app.add_typer(api_app, name="api")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(chaos_app)
+app.add_typer(trends_app, name="trends")
+app.add_typer(evaluate_app)
 
 # ------------------------------------------------------------------ stack
 @app.command()

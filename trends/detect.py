@@ -1,24 +1,34 @@
-"""The trend-detecting function: event-time windows per tractor × signal, trends, wear alerts."""
+"""The trend-detecting function: event-time windows per tractor × signal, normalised trends, wear alerts.
+
+``handler`` is the function's entry point (database I/O around one batch); ``Detector`` is the pure
+compute path (numpy across the whole batch, per-tractor state in plain dicts) that tests and the benchmark
+drive in-process. docs/trends.md explains the maths and the tables.
+"""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy import bindparam, insert, inspect, select, text, update
 from sqlalchemy.orm import Session
 
 from functions.model import Context
-from trends.maths import Trend, fit_trend, health, hours_to_threshold
+from trends.maths import Trend, cusum_step, fit_trend, forecast, health, solve_normaliser
 from trends.tables import part_health, trend_state, trend_windows
 
 ALERT_TOPIC = "wear-alerts"
-MAX_SEQS = 4096
+# Accumulator columns per (tractor, signal, window) before the moment matrix.
+N, SUM, SUMSQ, LO, HI, N_USED, N_REJ, SUM_REJ = range(8)
+BASE = 8
 
 
 @dataclass(frozen=True)
@@ -32,18 +42,88 @@ class Part:
     warning: float
     failure: float
     lead_time_h: float
+    normalise_by: tuple[tuple[str, float], ...] = ()
+    transform: str = "linear"
+    band: tuple[tuple[str, float, float], ...] = ()
+
+    @classmethod
+    def from_row(cls, row: Any) -> Part:
+        """A part from a ``parts`` row whose ``extra`` JSON holds the detector's keys."""
+        extra = row.extra if isinstance(row.extra, dict) else json.loads(row.extra or "null") or {}
+        norm = tuple((str(k), float(v)) for k, v in (extra.get("normalise_by") or {}).items())
+        band = tuple((str(k), float(v[0]), float(v[1])) for k, v in (extra.get("band") or {}).items())
+        return cls(row.part_id, row.signal, row.direction, float(row.nominal), float(row.warning_threshold),
+                   float(row.failure_threshold), float(row.lead_time_h), norm, str(extra.get("transform", "linear")),
+                   band)
+
+
+@dataclass(frozen=True)
+class Channel:
+    """How one signal is normalised (from the parts that watch it) and which parts to assess on it."""
+
+    signal: str
+    covariates: tuple[str, ...]
+    refs: np.ndarray
+    log: bool
+    band: tuple[tuple[str, float, float], ...]
+    parts: tuple[Part, ...]
+
+    @property
+    def k(self) -> int:
+        """Number of covariates."""
+        return len(self.covariates)
+
+    def transform(self, value: float) -> float:
+        """Signal units → regression space."""
+        return math.log(max(value, 1e-9)) if self.log else value
+
+    def untransform(self, value: float) -> float:
+        """Regression space → signal units."""
+        return math.exp(value) if self.log else value
+
+
+def channels_for(parts: list[Part]) -> dict[str, Channel]:
+    """One channel per wear signal; the first part naming a signal decides its normalisation."""
+    by_signal: dict[str, list[Part]] = {}
+    for p in parts:
+        by_signal.setdefault(p.signal, []).append(p)
+    out = {}
+    for sig, ps in by_signal.items():
+        first = ps[0]
+        out[sig] = Channel(sig, tuple(c for c, _ in first.normalise_by),
+                           np.array([r for _, r in first.normalise_by], dtype=np.float64), first.transform == "log",
+                           first.band, tuple(ps))
+    return out
 
 
 @dataclass(frozen=True)
 class Params:
-    """Detector tuning, from the function's ``params`` table."""
+    """Detector tuning, from the function's ``params`` table (fleetwatch/functions.toml)."""
 
     window_s: int = 3600
     lateness_s: int = 900
-    history: int = 48
-    min_windows: int = 24
-    margin_h: float = 48.0
+    idle_close_s: int = 6 * 3600  # close a quiet tractor's windows once its partition is this far ahead
+    history: int = 24  # windows the window-level trend (change detection, held steps) is fitted over
+    min_windows_after_change: int = 6  # windows needed after a change point before the window trend counts
+    history_days: int = 14  # days the slope and forecast are fitted over
+    min_days: int = 6  # days needed before a slope counts
+    confirm: int = 3  # consecutive window-trend fits that must show a held step before it alerts
+    confirm_days: int = 2  # consecutive day-trend fits that must forecast failure before it alerts
+    halflife_windows: float = 240.0  # memory of the operating-condition regression
+    refit_windows: int = 4  # re-solve the regression and re-fit the window trend every so many windows
+    min_samples: int = 60  # samples the condition regression needs before windows get a normalised value
+    gate_sigmas: float = 8.0  # sample outlier gate, in residual standard deviations…
+    gate_span: float = 0.35  # …but never tighter than this share of the nominal→failure span
+    reject_run: int = 6  # windows of only-rejected samples that mean "the level moved"
+    noisy_ratio: float = 3.0  # window residual std / usual std above which a window is a noise burst
+    cusum_k: float = 1.0
+    cusum_h: float = 10.0
+    min_progress: float = 0.15  # share of the way from baseline to failure before any alert
+    step_progress: float = 0.6  # a level held this far toward failure alerts even without a slope
+    lead_factor: float = 2.5
+    margin_h: float = 72.0
     realert_windows: int = 24
+    max_seqs: int = 4096
 
     @classmethod
     def from_context(cls, params: dict[str, Any]) -> Params:
@@ -52,7 +132,563 @@ class Params:
         return cls(**known)
 
 
+def _dt(epoch_s: float) -> datetime:
+    return datetime.fromtimestamp(epoch_s, UTC)
+
+
+def _pack(a: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(a, dtype=np.float64).tobytes()).decode()
+
+
+def _unpack(s: str, width: int) -> np.ndarray:
+    a = np.frombuffer(base64.b64decode(s), dtype=np.float64)
+    return a.reshape(-1, width).copy() if width else a.copy()
+
+
+# ------------------------------------------------------------------------------------------ flatten
+def flatten(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per sample: partition, tractor_id, seq, ts (epoch s) and one column per signal (NaN = absent)."""
+    part: list[str] = []
+    tractor: list[str] = []
+    seq: list[int] = []
+    ts: list[str] = []
+    readings: list[dict[str, float]] = []
+    for r in records:
+        msg = r.get("json")
+        if not isinstance(msg, dict):
+            continue
+        samples = msg.get("samples")
+        tid, s = msg.get("tractor_id"), msg.get("seq")
+        if not isinstance(samples, list) or not isinstance(tid, str) or not isinstance(s, int):
+            continue
+        p = f"{r.get('topic', '')}-{r.get('partition', 0)}"
+        n = len(samples)
+        part += [p] * n
+        tractor += [tid] * n
+        seq += [s] * n
+        for sample in samples:
+            ts.append(sample.get("ts", ""))
+            readings.append(sample.get("readings") or {})
+    values = pd.DataFrame.from_records(readings) if readings else pd.DataFrame()
+    values = values.apply(pd.to_numeric, errors="coerce") if len(values.columns) else values
+    frame = pd.DataFrame({"partition": part, "tractor_id": tractor, "seq": np.asarray(seq, dtype=np.int64),
+                          "ts": pd.to_datetime(pd.Series(ts, dtype="string"), utc=True, format="ISO8601",
+                                               errors="coerce")})
+    frame["ts"] = frame["ts"].dt.as_unit("ms").astype("int64") / 1e3
+    frame.loc[frame["ts"] < -1e11, "ts"] = np.nan  # NaT
+    frame = pd.concat([frame, values.astype(np.float64)], axis=1)
+    return frame[frame["ts"].notna()].reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------------------ outputs
+@dataclass
+class Outputs:
+    """What one batch produced: trend rows, latest part health, alerts and counters."""
+
+    windows: list[dict[str, Any]] = field(default_factory=list)
+    health: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    alerts: list[dict[str, Any]] = field(default_factory=list)
+    counters: dict[str, float] = field(default_factory=dict)
+
+    def count(self, name: str, value: float = 1) -> None:
+        """Bump a counter."""
+        self.counters[name] = self.counters.get(name, 0) + value
+
+
+def new_state() -> dict[str, Any]:
+    """Empty per-tractor state."""
+    return {"wm": 0.0, "seqs": [], "open": None, "sig": {}, "episodes": {}, "replaced": {}}
+
+
+def _reduce(keys: np.ndarray, acc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Merge accumulator rows sharing a key (rows of ``keys``): sums add, LO takes min, HI takes max."""
+    if len(keys) == 0:
+        return keys, acc
+    order = np.lexsort(keys.T[::-1])
+    keys, acc = keys[order], acc[order]
+    new = np.ones(len(keys), dtype=bool)
+    new[1:] = (keys[1:] != keys[:-1]).any(axis=1)
+    starts = np.flatnonzero(new)
+    out = np.add.reduceat(acc, starts, axis=0)
+    out[:, LO] = np.minimum.reduceat(acc[:, LO], starts)
+    out[:, HI] = np.maximum.reduceat(acc[:, HI], starts)
+    return keys[starts], out
+
+
+class Detector:
+    """The compute path: batch of samples + per-tractor states → updated states, trend rows, health, alerts."""
+
+    def __init__(self, parts: list[Part], params: Params) -> None:
+        self.params = params
+        self.parts = parts
+        self.channels = channels_for(parts)
+        self.kmax = max((c.k for c in self.channels.values()), default=0)
+        self.d = self.kmax + 2
+        self.width = BASE + self.d * self.d
+        self.decay = 0.5 ** (1.0 / params.halflife_windows)
+
+    # -------------------------------------------------------------- ingest
+    def dedupe(self, frame: pd.DataFrame, states: dict[str, dict[str, Any]], out: Outputs) -> pd.DataFrame:
+        """Drop samples of messages already seen (QoS 1 and redelivery duplicates), in and across batches."""
+        before = len(frame)
+        frame = frame.drop_duplicates(subset=["tractor_id", "seq", "ts"])
+        keep = np.ones(len(frame), dtype=bool)
+        tids = frame["tractor_id"].to_numpy()
+        seqs = frame["seq"].to_numpy()
+        for tid, idx in pd.Series(np.arange(len(frame))).groupby(tids).indices.items():
+            st = states[tid]
+            seen = np.asarray(st["seqs"], dtype=np.int64)
+            s = seqs[idx]
+            old = np.isin(s, seen)
+            if len(seen) >= self.params.max_seqs:
+                old |= s < seen.min()
+            keep[idx] = ~old
+            fresh = np.unique(s[~old])
+            if len(fresh):
+                st["seqs"] = np.union1d(seen, fresh)[-self.params.max_seqs:].tolist()
+        frame = frame[keep]
+        out.count("duplicates_dropped", before - len(frame))
+        return frame
+
+    def _gate_arrays(self, ch: Channel, tids: list[str], states: dict[str, dict[str, Any]]
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per tractor: gating level (regression space), covariate coefficients, gate half-width (inf = off)."""
+        n = len(tids)
+        level = np.zeros(n)
+        beta = np.zeros((n, max(ch.k, 1)))
+        width = np.full(n, np.inf)
+        span = max(abs(ch.transform(p.nominal) - ch.transform(p.failure)) for p in ch.parts)
+        for i, tid in enumerate(tids):
+            cs = states[tid]["sig"].get(ch.signal)
+            if cs and cs.get("level") is not None and cs.get("beta") is not None:
+                level[i] = cs["level"]
+                if ch.k:
+                    beta[i, :ch.k] = cs["beta"]
+                width[i] = max(self.params.gate_sigmas * cs["sigma"], self.params.gate_span * span)
+        return level, beta, width
+
+    def aggregate(self, frame: pd.DataFrame, states: dict[str, dict[str, Any]], signals: list[str],
+                  tids: list[str], out: Outputs) -> tuple[np.ndarray, np.ndarray]:
+        """Window accumulators of the batch keyed (tractor index, window start, signal index); numpy per signal."""
+        codes = pd.Index(tids).get_indexer(frame["tractor_id"])
+        w = (np.floor(frame["ts"].to_numpy() / self.params.window_s) * self.params.window_s).astype(np.int64)
+        keys, accs = [], []
+        d, kmax = self.d, self.kmax
+        for si, sig in enumerate(signals):
+            if sig not in frame.columns:
+                continue
+            y = frame[sig].to_numpy(dtype=np.float64)
+            rows = np.flatnonzero(np.isfinite(y))
+            if not len(rows):
+                continue
+            yv = y[rows]
+            a = np.zeros((len(rows), self.width))
+            a[:, N] = 1.0
+            a[:, SUM] = yv
+            a[:, SUMSQ] = yv * yv
+            a[:, LO] = yv
+            a[:, HI] = yv
+            ch = self.channels.get(sig)
+
+            def column(name: str, rows: np.ndarray = rows) -> np.ndarray:
+                if name not in frame.columns:
+                    return np.full(len(rows), np.nan)
+                return frame[name].to_numpy(dtype=np.float64)[rows]
+
+            if ch is not None:
+                z = np.zeros((len(rows), d))
+                z[:, 0] = 1.0
+                ok = np.ones(len(rows), dtype=bool)
+                for j, cov in enumerate(ch.covariates):
+                    x = column(cov)
+                    z[:, 1 + j] = x - ch.refs[j]
+                    ok &= np.isfinite(x)
+                for cov, lo, hi in ch.band:
+                    x = column(cov)
+                    ok &= (x >= lo) & (x <= hi)
+                if ch.log:
+                    ok &= yv > 0
+                    yt = np.log(np.where(yv > 0, yv, 1.0))
+                else:
+                    yt = yv
+                z[:, kmax + 1] = yt
+                level, beta, width = self._gate_arrays(ch, tids, states)
+                c = codes[rows]
+                pred = level[c] + (np.nan_to_num(z[:, 1:1 + ch.k]) * beta[c, :ch.k]).sum(axis=1)
+                rej = ok & (np.abs(yt - pred) > width[c])
+                used = ok & ~rej
+                z[~used] = 0.0
+                a[:, BASE:] = (z[:, :, None] * z[:, None, :]).reshape(len(rows), d * d)
+                a[:, N_USED] = used
+                a[:, N_REJ] = rej
+                a[:, SUM_REJ] = np.where(rej, yt, 0.0)
+                out.count("samples_rejected", int(rej.sum()))
+            keys.append(np.column_stack([codes[rows], w[rows], np.full(len(rows), si)]))
+            accs.append(a)
+        if not keys:
+            return np.zeros((0, 3), dtype=np.int64), np.zeros((0, self.width))
+        return _reduce(np.concatenate(keys), np.concatenate(accs))
+
+    # -------------------------------------------------------------- batch
+    def process(self, frame: pd.DataFrame, states: dict[str, dict[str, Any]],
+                partitions: dict[str, dict[str, Any]] | None = None,
+                load_state: Any = None) -> Outputs:
+        """Run one batch through the detector; ``states`` (by tractor) and ``partitions`` are updated in place.
+
+        ``load_state(tid)`` fetches the state of a quiet tractor whose windows the partition watermark closes.
+        """
+        p = self.params
+        out = Outputs()
+        for tid in frame["tractor_id"].unique().tolist():
+            states.setdefault(tid, new_state())
+        frame = self.dedupe(frame, states, out)
+        out.count("readings", float(frame.drop(columns=["partition", "tractor_id", "seq", "ts"]).count().sum()))
+        tids = sorted(states)
+        signals = sorted({c for c in frame.columns if c not in ("partition", "tractor_id", "seq", "ts")}
+                         | {s for st in states.values() if st["open"] for s in st["open"]["sig"]})
+        sig_index = {s: i for i, s in enumerate(signals)}
+
+        # Late samples: their window closed already (tractor watermark), so they cannot be placed any more.
+        if len(frame):
+            wm = pd.Series({t: states[t]["wm"] for t in tids})
+            w = np.floor(frame["ts"].to_numpy() / p.window_s) * p.window_s
+            late = w + p.window_s + p.lateness_s <= wm.reindex(frame["tractor_id"]).to_numpy()
+            if late.any():
+                open_keys = {(t, int(k)) for t in tids if states[t]["open"]
+                             for k in np.unique(np.asarray(states[t]["open"]["w"]))}
+                idx = np.flatnonzero(late)
+                still_open = [(t, int(x)) in open_keys for t, x in zip(frame["tractor_id"].to_numpy()[idx],
+                                                                        w[idx], strict=True)]
+                late[idx[np.asarray(still_open, dtype=bool)]] = False
+                out.count("late_samples_dropped", int(late.sum()))
+                frame = frame[~late]
+
+        keys, acc = self.aggregate(frame, states, signals, tids, out)
+        # Merge with the windows still open in the state, then write the union back per tractor.
+        old_keys, old_acc = [], []
+        for code, tid in enumerate(tids):
+            op = states[tid]["open"]
+            if not op or not op["w"]:
+                continue
+            a = _unpack(op["acc"], op["width"])
+            if op["width"] != self.width:  # the catalog changed shape: restart the open windows
+                out.count("open_windows_discarded", len(op["w"]))
+                continue
+            si = np.array([sig_index[s] for s in op["sig"]])
+            old_keys.append(np.column_stack([np.full(len(si), code), op["w"], si]))
+            old_acc.append(a)
+        if old_keys:
+            keys, acc = _reduce(np.concatenate([keys, *old_keys]), np.concatenate([acc, *old_acc]))
+        watermarks = frame.groupby("tractor_id")["ts"].max() if len(frame) else pd.Series(dtype=float)
+        for tid, value in watermarks.items():
+            states[tid]["wm"] = max(states[tid]["wm"], float(value))
+
+        bounds = np.searchsorted(keys[:, 0], np.arange(len(tids) + 1)) if len(keys) else np.zeros(len(tids) + 1, int)
+        for code, tid in enumerate(tids):
+            lo, hi = bounds[code], bounds[code + 1]
+            self._close(tid, states[tid], keys[lo:hi], acc[lo:hi], signals, states[tid]["wm"], out)
+
+        if partitions is not None:
+            self._partition_progress(frame, states, partitions, load_state, out)
+        return out
+
+    def _partition_progress(self, frame: pd.DataFrame, states: dict[str, dict[str, Any]],
+                            partitions: dict[str, dict[str, Any]], load_state: Any, out: Outputs) -> None:
+        """Advance each partition's watermark and close the open windows of tractors that went quiet."""
+        p = self.params
+        for part, group in frame.groupby("partition") if len(frame) else []:
+            ps = partitions.setdefault(str(part), {"wm": 0.0, "open": {}})
+            # The median event time of the batch: a few skewed clocks cannot drag the partition ahead.
+            ps["wm"] = max(ps["wm"], float(group["ts"].median()))
+            for tid in group["tractor_id"].unique().tolist():
+                op = states[tid]["open"]
+                if op and op["w"]:
+                    ps["open"][tid] = float(min(op["w"]))
+                else:
+                    ps["open"].pop(tid, None)
+        for ps in partitions.values():
+            horizon = ps["wm"] - p.idle_close_s
+            quiet = [t for t, w in ps["open"].items() if w + p.window_s + p.lateness_s <= horizon]
+            for tid in quiet:
+                st = states.get(tid) or (load_state(tid) if load_state else None)
+                if st is None:
+                    ps["open"].pop(tid, None)
+                    continue
+                states[tid] = st
+                op = st["open"]
+                if not op or not op["w"]:
+                    ps["open"].pop(tid, None)
+                    continue
+                sigs = sorted(set(op["sig"]))
+                keys = np.column_stack([np.zeros(len(op["w"]), dtype=np.int64), op["w"],
+                                        [sigs.index(s) for s in op["sig"]]])
+                acc = _unpack(op["acc"], op["width"])
+                if op["width"] != self.width:
+                    st["open"] = None
+                    ps["open"].pop(tid, None)
+                    continue
+                keys, acc = _reduce(keys, acc)
+                # Close as if the tractor's own clock had reached the partition's (minus the idle allowance).
+                st["wm"] = max(st["wm"], horizon)
+                self._close(tid, st, keys, acc, sigs, st["wm"], out)
+                out.count("windows_closed_idle", 1)
+                op = st["open"]
+                if op and op["w"]:
+                    ps["open"][tid] = float(min(op["w"]))
+                else:
+                    ps["open"].pop(tid, None)
+
+    # -------------------------------------------------------------- closing windows
+    def _close(self, tid: str, st: dict[str, Any], keys: np.ndarray, acc: np.ndarray, signals: list[str],
+               wm: float, out: Outputs) -> None:
+        """Close the windows the watermark passed (oldest first) and keep the rest open in the state."""
+        p = self.params
+        if not len(keys):
+            st["open"] = None
+            return
+        closable = keys[:, 1] + p.window_s + p.lateness_s <= wm
+        rest = ~closable
+        st["open"] = {"w": keys[rest, 1].tolist(), "sig": [signals[i] for i in keys[rest, 2]],
+                      "width": self.width, "acc": _pack(acc[rest])} if rest.any() else None
+        if not closable.any():
+            return
+        idx = np.flatnonzero(closable)
+        idx = idx[np.lexsort((keys[idx, 2], keys[idx, 1]))]
+        a = acc[idx]
+        n = a[:, N]
+        mean = a[:, SUM] / n
+        std = np.sqrt(np.maximum(a[:, SUMSQ] / n - mean * mean, 0.0))
+        for row, i in enumerate(idx):
+            w = int(keys[i, 1])
+            sig = signals[int(keys[i, 2])]
+            r = {"tractor_id": tid, "signal": sig, "window_start": _dt(w), "window_end": _dt(w + p.window_s),
+                 "count": int(n[row]), "mean": float(mean[row]), "min": float(a[row, LO]), "max": float(a[row, HI]),
+                 "std": float(std[row]), "n_used": 0, "norm_value": None, "level": None, "slope_per_h": None,
+                 "slope_lo": None, "slope_hi": None, "quality_flags": ""}
+            ch = self.channels.get(sig)
+            if ch is not None:
+                self._close_channel(tid, st, ch, w, a[row], r, out)
+            out.windows.append(r)
+
+    def _close_channel(self, tid: str, st: dict[str, Any], ch: Channel, w: int, a: np.ndarray, r: dict[str, Any],
+                       out: Outputs) -> None:
+        """Normalise one closed window of a wear signal, update its trend and change detector, assess its parts."""
+        p = self.params
+        cs = st["sig"].setdefault(ch.signal, {"S": None, "beta": None, "sigma": 0.0, "level": None, "hist": [],
+                                               "base": None, "trend": None, "cp": 0.0, "cn": 0.0, "rej": 0,
+                                               "since": 0, "refit": 0})
+        flags: list[str] = []
+        n, nu = a[N], a[N_USED]
+        k, d = ch.k, self.d
+        t_h = (w + p.window_s / 2) / 3600.0
+        if n >= 3 and a[HI] - a[LO] <= 1e-9 * max(1.0, abs(a[LO])):
+            flags.append("stuck")
+        norm = None
+        if nu >= 1 and "stuck" not in flags:
+            cs["rej"] = 0
+            full = a[BASE:].reshape(d, d)
+            sel = [*range(k + 1), d - 1]
+            m = full[np.ix_(sel, sel)]
+            beta = np.asarray(cs["beta"], dtype=np.float64) if cs["beta"] is not None else np.zeros(k)
+            u = (m[0, k + 1] - beta @ m[0, 1:k + 1]) / nu
+            v = np.concatenate([[0.0], -beta, [1.0]])
+            resid_var = max(float(v @ m @ v) / nu - u * u, 0.0)
+            if nu >= 3 and cs["sigma"] > 0 and math.sqrt(resid_var) > p.noisy_ratio * cs["sigma"]:
+                flags.append("noisy")
+            else:
+                # Pool only the scatter *within* windows: wear moves the level between windows, not inside one,
+                # so the condition effects are learnt free of the wear trend.
+                centred = m - np.outer(m[0], m[0]) / nu
+                centred[0, 0] = nu
+                s = np.asarray(cs["S"], dtype=np.float64).reshape(k + 2, k + 2) if cs["S"] is not None else 0.0
+                s = self.decay * s + centred
+                cs["S"] = s.ravel().tolist()
+                cs["refit"] += 1
+                if cs["beta"] is None or cs["refit"] >= p.refit_windows:
+                    fit = solve_normaliser(s, np.maximum(np.abs(ch.refs), 1.0), ridge=1e-5)
+                    if fit is not None:
+                        cs["beta"], cs["sigma"], cs["refit"] = fit.beta.tolist(), fit.sigma, 0
+                        beta = fit.beta
+                        u = (m[0, k + 1] - beta @ m[0, 1:k + 1]) / nu
+                if float(s[0, 0]) >= p.min_samples:
+                    norm = ch.untransform(u)
+                cs["level"] = u
+                if nu < 2:
+                    flags.append("sparse")
+        elif a[N_REJ] > 0:
+            flags.append("rejected")
+            cs["rej"] += 1
+            if cs["rej"] >= p.reject_run:  # not spikes: the level really moved; re-learn it from here
+                cs["level"] = None
+                self._change(cs, keep=0)
+                flags.append("change")
+        r["n_used"] = int(nu)
+        if norm is not None:
+            r["norm_value"] = norm
+            if "sparse" not in flags:
+                self._update_trend(tid, st, cs, ch, t_h, norm, w, flags, r, out)
+        r["quality_flags"] = ",".join(flags)
+
+    def _change(self, cs: dict[str, Any], keep: int) -> None:
+        cs["hist"] = cs["hist"][-keep:] if keep else []
+        cs["days"] = []
+        cs["day"] = None
+        cs["trend"] = None
+        cs["dtrend"] = None
+        cs["cp"] = cs["cn"] = 0.0
+        cs["ok"] = {}
+
+    def _update_trend(self, tid: str, st: dict[str, Any], cs: dict[str, Any], ch: Channel, t_h: float, norm: float,
+                      w: int, flags: list[str], r: dict[str, Any], out: Outputs) -> None:
+        """Window-level trend (change detection, held steps) and day-level trend (slope, forecast)."""
+        p = self.params
+        span = max(abs(q.nominal - q.failure) for q in ch.parts)
+        if cs["trend"] is not None:
+            lvl, slope, _, _, _, scale, t_fit = cs["trend"]
+            pred = lvl + slope * (t_h - t_fit)
+            z = (norm - pred) / max(scale, 0.01 * span)
+            cs["cp"], cs["cn"] = cusum_step(cs["cp"], cs["cn"], z, p.cusum_k)
+            if cs["cp"] > p.cusum_h or cs["cn"] > p.cusum_h:
+                # A step (sensor offset, sudden wear): shift the day history by the step instead of forgetting it,
+                # so a step alone never looks like a slope and a slope survives a step.
+                recent = [v for _, v in cs["hist"][-3:]] + [norm]
+                delta = float(np.median(recent)) - pred
+                days_kept = [[t, v + delta] for t, v in cs.get("days", [])]
+                self._change(cs, keep=3)
+                cs["days"] = days_kept
+                flags.append("change")
+        hist = cs["hist"]
+        hist.append([round(t_h, 4), norm])
+        del hist[:-p.history]
+        # Days: the median of a day's windows; wear shows over days, the daily cycle averages out.
+        day = int(t_h // 24)
+        cur = cs.setdefault("day", None)
+        days = cs.setdefault("days", [])
+        day_closed = False
+        if cur is not None and cur[0] != day:
+            days.append([cur[0] * 24 + 12.0, float(np.median(cur[1]))])
+            del days[:-p.history_days]
+            cur = None
+            day_closed = True
+        if cur is None:
+            cur = [day, []]
+        cur[1].append(norm)
+        cs["day"] = cur
+        if cs["base"] is None and len(days) >= p.min_days:
+            cs["base"] = float(np.median([v for _, v in days]))
+        cs["since"] = cs.get("since", 0) + 1
+        window_fit = len(hist) >= p.min_windows_after_change and (cs["since"] >= p.refit_windows or day_closed)
+        if window_fit:
+            cs["since"] = 0
+            arr = np.asarray(hist, dtype=np.float64)
+            fitted = fit_trend(arr[:, 0], arr[:, 1])
+            cs["trend"] = None if fitted is None else [fitted.level, fitted.slope, fitted.slope_lo, fitted.slope_hi,
+                                                       fitted.n, fitted.scale, float(arr[-1, 0])]
+        if day_closed and len(days) >= p.min_days:
+            darr = np.asarray(days, dtype=np.float64)
+            dfit = fit_trend(darr[:, 0], darr[:, 1])
+            cs["dtrend"] = None if dfit is None else [dfit.level, dfit.slope, dfit.slope_lo, dfit.slope_hi, dfit.n,
+                                                      dfit.scale, float(darr[-1, 0])]
+        if cs["base"] is None or not (window_fit or day_closed):
+            return
+        trend = Trend(*cs["trend"][:4], int(cs["trend"][4]), cs["trend"][5]) if cs["trend"] else None
+        dtrend = Trend(*cs["dtrend"][:4], int(cs["dtrend"][4]), cs["dtrend"][5]) if cs.get("dtrend") else None
+        shown = dtrend or trend
+        if shown is None:
+            return
+        r.update(level=trend.level if trend else None, slope_per_h=shown.slope, slope_lo=shown.slope_lo,
+                 slope_hi=shown.slope_hi)
+        for part in ch.parts:
+            self._assess(tid, st, cs, part, trend, dtrend, day_closed, w + p.window_s, out)
+
+    def _assess(self, tid: str, st: dict[str, Any], cs: dict[str, Any], part: Part, trend: Trend | None,
+                dtrend: Trend | None, day_closed: bool, window_end: float, out: Outputs) -> None:
+        """Health, forecast and (maybe) a wear alert for one part from its signal's trends."""
+        p = self.params
+        sign = -1.0 if part.direction == "falling" else 1.0
+        base = cs["base"] if cs["base"] is not None else part.nominal
+        if sign * (part.failure - base) <= 0:  # baseline already past failure (e.g. state began mid-failure)
+            base = part.nominal
+
+        def progress_of(level: float) -> float:
+            return sign * (level - base) / (sign * (part.failure - base))
+
+        latest = trend or dtrend
+        assert latest is not None
+        progress = progress_of(latest.level)
+        # A level held far toward failure over the recent windows (sudden-onset wear).
+        held = trend is not None and progress >= p.step_progress and trend.n >= p.min_windows_after_change
+        slope_rule = False
+        fc = forecast(dtrend or latest, part.failure, part.direction)
+        if dtrend is not None:
+            dprog = progress_of(dtrend.level)
+            toward = min(sign * dtrend.slope_lo, sign * dtrend.slope_hi) > 0
+            due = fc.expected is not None and fc.expected <= p.lead_factor * part.lead_time_h + p.margin_h
+            slope_rule = dprog >= p.min_progress and toward and due
+        # Both rules must hold on consecutive looks: held steps over window fits, slopes over day fits.
+        ok = cs.setdefault("ok", {}).setdefault(part.part_id, [0, 0])
+        ok[0] = ok[0] + 1 if held else 0
+        if day_closed:
+            ok[1] = ok[1] + 1 if slope_rule else 0
+        alerting = ok[0] >= p.confirm or ok[1] >= p.confirm_days
+        level = (dtrend or latest).level
+        beyond_warning = sign * (level - part.warning) >= 0
+        status = "alert" if alerting else ("warning" if beyond_warning or held or slope_rule else "ok")
+        out.health[(tid, part.part_id)] = {
+            "tractor_id": tid, "part_id": part.part_id, "signal": part.signal, "level": level,
+            "health": health(level, part.nominal, part.failure), "slope_per_h": (dtrend or latest).slope,
+            "ttf_h": fc.expected, "ttf_lo_h": fc.earliest, "ttf_hi_h": fc.latest, "status": status,
+            "as_of": _dt(window_end), "episode_id": (st["episodes"].get(part.part_id) or {}).get("id")}
+        if not alerting:
+            return
+        episodes = st["episodes"]
+        episode = episodes.get(part.part_id)
+        if episode is None:
+            episode = {"id": f"{tid}:{part.part_id}:{int(window_end)}", "since": window_end, "alerts": 0,
+                       "last_end": 0.0}
+            episodes[part.part_id] = episode
+            out.health[(tid, part.part_id)]["episode_id"] = episode["id"]
+        elif window_end - episode["last_end"] < p.realert_windows * p.window_s:
+            return
+        episode["alerts"] += 1
+        episode["last_end"] = window_end
+        t = dtrend or latest
+        out.alerts.append({
+            "alert_id": f"{episode['id']}#{episode['alerts']}",
+            "episode_id": episode["id"],
+            "tractor_id": tid,
+            "part_id": part.part_id,
+            "signal": part.signal,
+            "reason": "held-step" if held and not slope_rule else "trend",
+            "level": level,
+            "progress": progress,
+            "slope_per_h": t.slope,
+            "slope_ci_per_h": [t.slope_lo, t.slope_hi],
+            "ttf_h": fc.expected,
+            "ttf_earliest_h": fc.earliest,
+            "ttf_latest_h": fc.latest,
+            "failure_threshold": part.failure,
+            "lead_time_h": part.lead_time_h,
+            "detected_at": _dt(window_end).isoformat(),
+            "window_ids": [f"{tid}:{part.signal}:{_dt(window_end - p.window_s).isoformat()}"],
+        })
+
+    def reset_part(self, st: dict[str, Any], part_id: str) -> None:
+        """Forget a part's trend baseline and alert episode (it was replaced); keep the learnt condition effects."""
+        st["episodes"].pop(part_id, None)
+        part = next((q for q in self.parts if q.part_id == part_id), None)
+        if part is None:
+            return
+        cs = st["sig"].get(part.signal)
+        if cs:
+            self._change(cs, keep=0)
+            cs["base"] = None
+            cs["level"] = None
+
+
+# ------------------------------------------------------------------------------------------ the function
 _catalog: tuple[float, list[Part]] = (0.0, [])
+_has_replacements: tuple[float, bool] = (0.0, False)
 
 
 def load_parts(session: Session, max_age_s: float = 30.0) -> list[Part]:
@@ -61,78 +697,93 @@ def load_parts(session: Session, max_age_s: float = 30.0) -> list[Part]:
     if time.monotonic() - _catalog[0] < max_age_s and _catalog[1]:
         return _catalog[1]
     rows = session.execute(text(
-        "SELECT part_id, signal, direction, nominal, warning_threshold, failure_threshold, lead_time_h FROM parts"))
-    parts = [Part(*row) for row in rows]
+        "SELECT part_id, signal, direction, nominal, warning_threshold, failure_threshold, lead_time_h, extra "
+        "FROM parts ORDER BY part_id"))
+    parts = [Part.from_row(row) for row in rows]
     _catalog = (time.monotonic(), parts)
     return parts
 
 
-def _dt(epoch_s: float) -> datetime:
-    return datetime.fromtimestamp(epoch_s, UTC)
+def _replacements_table(session: Session) -> bool:
+    global _has_replacements
+    if time.monotonic() - _has_replacements[0] < 60.0:
+        return _has_replacements[1]
+    present = inspect(session.get_bind()).has_table("part_replacements")
+    _has_replacements = (time.monotonic(), present)
+    return present
 
 
-def flatten(records: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per reading: tractor_id, seq, ts (epoch s), signal, value."""
-    tractor: list[str] = []
-    seq: list[int] = []
-    ts: list[str] = []
-    sig: list[str] = []
-    val: list[float] = []
-    for r in records:
-        msg = r.get("json")
-        if not isinstance(msg, dict):
-            continue
-        tid, s = msg["tractor_id"], msg["seq"]
-        for sample in msg["samples"]:
-            readings = sample["readings"]
-            n = len(readings)
-            tractor += [tid] * n
-            seq += [s] * n
-            ts += [sample["ts"]] * n
-            sig += readings.keys()
-            val += readings.values()
-    frame = pd.DataFrame({"tractor_id": tractor, "seq": np.asarray(seq, dtype=np.int64),
-                          "ts": pd.to_datetime(pd.Series(ts, dtype="string"), utc=True, format="ISO8601"),
-                          "signal": sig, "value": np.asarray(val, dtype=np.float64)})
-    # Seconds since the epoch; pin the unit because pandas picks the resolution from the input.
-    frame["ts"] = frame["ts"].dt.as_unit("ms").astype("int64") / 1e3
-    return frame
+def _iso(v: Any) -> str:
+    if isinstance(v, datetime):
+        return (v if v.tzinfo else v.replace(tzinfo=UTC)).isoformat()
+    return str(v)
 
 
-def _load_states(session: Session, tractor_ids: list[str]) -> dict[str, dict[str, Any]]:
-    rows = session.execute(select(trend_state.c.tractor_id, trend_state.c.state)
-                           .where(trend_state.c.tractor_id.in_(tractor_ids)))
-    return {tid: (st if isinstance(st, dict) else json.loads(st)) for tid, st in rows}
-
-
-def _save_states(session: Session, states: dict[str, dict[str, Any]], existing: set[str]) -> None:
-    now = datetime.now(UTC)
-    for tid, st in states.items():
-        if tid in existing:
-            session.execute(update(trend_state).where(trend_state.c.tractor_id == tid)
-                            .values(state=st, updated_at=now))
-        else:
-            session.execute(insert(trend_state).values(tractor_id=tid, state=st, updated_at=now))
-
-
-def _new_state() -> dict[str, Any]:
-    return {"wm": 0.0, "seqs": [], "open": {}, "hist": {}, "episodes": {}}
-
-
-def _dedupe(frame: pd.DataFrame, states: dict[str, dict[str, Any]]) -> pd.DataFrame:
-    """Drop readings of messages already seen (QoS 1 and bridge redelivery duplicates)."""
-    msgs = frame[["tractor_id", "seq"]].drop_duplicates()
-    seen_pairs = {(tid, s) for tid, st in states.items() for s in st["seqs"]}
-    fresh = [(t, s) not in seen_pairs for t, s in zip(msgs["tractor_id"], msgs["seq"], strict=True)]
-    keep = msgs[fresh]
-    for tid, group in keep.groupby("tractor_id"):
+def apply_replacements(session: Session, detector: Detector, states: dict[str, dict[str, Any]]) -> int:
+    """Reset baselines of parts installed since the state last looked (table owned by ordering; plain SQL)."""
+    if not states or not _replacements_table(session):
+        return 0
+    rows = session.execute(text("SELECT tractor_id, part_id, installed_at FROM part_replacements "
+                                "WHERE tractor_id IN :tids").bindparams(bindparam("tids", expanding=True)),
+                           {"tids": sorted(states)})
+    applied = 0
+    for tid, part_id, installed_at in rows:
         st = states[tid]
-        st["seqs"] = sorted(set(st["seqs"]) | set(group["seq"].tolist()))[-MAX_SEQS:]
-    return frame.merge(keep, on=["tractor_id", "seq"], how="inner")
+        stamp = _iso(installed_at)
+        if stamp > st["replaced"].get(part_id, ""):
+            st["replaced"][part_id] = stamp
+            detector.reset_part(st, part_id)
+            applied += 1
+    return applied
+
+
+def _state_key(name: str) -> str:
+    """Row key of a partition's progress in ``trend_state`` (tractor ids never start with '~')."""
+    key = f"~{name}"
+    return key if len(key) <= 32 else "~" + hashlib.sha1(name.encode()).hexdigest()[:31]
+
+
+def _load(session: Session, keys: list[str]) -> dict[str, dict[str, Any]]:
+    if not keys:
+        return {}
+    rows = session.execute(select(trend_state.c.tractor_id, trend_state.c.state)
+                           .where(trend_state.c.tractor_id.in_(keys)))
+    return {k: (st if isinstance(st, dict) else json.loads(st)) for k, st in rows}
+
+
+def _save(session: Session, states: dict[str, dict[str, Any]], existing: set[str]) -> None:
+    now = datetime.now(UTC)
+    fresh = [{"tractor_id": k, "state": st, "updated_at": now} for k, st in states.items() if k not in existing]
+    if fresh:
+        session.execute(insert(trend_state), fresh)
+    for k, st in states.items():
+        if k in existing:
+            session.execute(update(trend_state).where(trend_state.c.tractor_id == k).values(state=st, updated_at=now))
+
+
+def _upsert_health(session: Session, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    dialect = session.get_bind().dialect.name
+    if dialect in ("postgresql", "sqlite"):
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        stmt = dialect_insert(part_health)
+        stmt = stmt.on_conflict_do_update(index_elements=["tractor_id", "part_id"],
+                                          set_={c: stmt.excluded[c] for c in rows[0]
+                                                if c not in ("tractor_id", "part_id")})
+        session.execute(stmt, rows)
+        return
+    for row in rows:  # any other database: plain update-or-insert
+        keys = (part_health.c.tractor_id == row["tractor_id"]) & (part_health.c.part_id == row["part_id"])
+        if session.execute(update(part_health).where(keys).values(**row)).rowcount == 0:  # type: ignore[attr-defined]
+            session.execute(insert(part_health).values(**row))
 
 
 def handler(event: dict[str, Any], context: Context) -> None:
-    """Update windows and trends for a batch of telemetry; write trend rows; emit wear alerts."""
+    """Update windows and trends for a batch of telemetry; write trend rows and part health; emit wear alerts."""
     session = context.session
     assert session is not None, "trends.detect needs a transactional function"
     params = Params.from_context(context.params)
@@ -140,136 +791,33 @@ def handler(event: dict[str, Any], context: Context) -> None:
     frame = flatten(records)
     if frame.empty:
         return
-    tractor_ids = sorted(frame["tractor_id"].unique().tolist())
-    loaded = _load_states(session, tractor_ids)
-    states = {tid: loaded.get(tid) or _new_state() for tid in tractor_ids}
-    frame = _dedupe(frame, states)
-    context.metrics.incr("readings", len(frame))
-    if frame.empty:
-        _save_states(session, states, set(loaded))
-        return
+    detector = Detector(load_parts(session), params)
+    tids = sorted(frame["tractor_id"].unique().tolist())
+    part_keys = {_state_key(p): p for p in frame["partition"].unique().tolist()}
+    loaded = _load(session, tids + list(part_keys))
+    states = {t: loaded.get(t) or new_state() for t in tids}
+    partitions = {p: loaded.get(k) or {"wm": 0.0, "open": {}} for k, p in part_keys.items()}
+    replaced = apply_replacements(session, detector, states)
+    extra: set[str] = set()
 
-    # Aggregate the whole batch per (tractor, signal, window) in one vectorised pass.
-    frame["w"] = (frame["ts"] // params.window_s).astype(np.int64) * params.window_s
-    frame["sq"] = frame["value"] ** 2
-    agg = frame.groupby(["tractor_id", "signal", "w"], sort=True).agg(
-        n=("value", "size"), s=("value", "sum"), ss=("sq", "sum"), lo=("value", "min"), hi=("value", "max"))
-    watermarks = frame.groupby("tractor_id")["ts"].max()
+    def load_state(tid: str) -> dict[str, Any] | None:
+        got = _load(session, [tid]).get(tid)
+        if got is not None:
+            extra.add(tid)
+        return got
 
-    for (tid, sig, w), row in zip(agg.index, agg.itertuples(index=False), strict=True):
-        st = states[tid]
-        windows = st["open"].setdefault(sig, {})
-        key = str(int(w))
-        if int(w) + params.window_s + params.lateness_s <= st["wm"] and key not in windows:
-            context.metrics.incr("late_readings_dropped", int(row.n))
-            continue
-        acc = windows.get(key)
-        if acc is None:
-            windows[key] = [int(row.n), float(row.s), float(row.ss), float(row.lo), float(row.hi)]
-        else:
-            acc[0] += int(row.n)
-            acc[1] += float(row.s)
-            acc[2] += float(row.ss)
-            acc[3] = min(acc[3], float(row.lo))
-            acc[4] = max(acc[4], float(row.hi))
-
-    parts = load_parts(session)
-    parts_by_signal: dict[str, list[Part]] = {}
-    for p in parts:
-        parts_by_signal.setdefault(p.signal, []).append(p)
-    window_rows: list[dict[str, Any]] = []
-    for tid in tractor_ids:
-        st = states[tid]
-        st["wm"] = max(st["wm"], float(watermarks.get(tid, 0.0)))
-        _close_windows(tid, st, params, parts_by_signal, window_rows, session, context)
-    if window_rows:
-        session.execute(insert(trend_windows), window_rows)
-        context.metrics.incr("windows_closed", len(window_rows))
-    _save_states(session, states, set(loaded))
-
-
-def _close_windows(tid: str, st: dict[str, Any], params: Params, parts_by_signal: dict[str, list[Part]],
-                   out: list[dict[str, Any]], session: Session, context: Context) -> None:
-    for sig, windows in st["open"].items():
-        closable = sorted(int(k) for k in windows if int(k) + params.window_s + params.lateness_s <= st["wm"])
-        for w in closable:
-            n, s, ss, lo, hi = windows.pop(str(w))
-            mean = s / n
-            std = float(np.sqrt(max(ss / n - mean * mean, 0.0)))
-            hist = st["hist"].setdefault(sig, [])
-            hist.append([(w + params.window_s / 2) / 3600.0, mean])
-            del hist[:-params.history]
-            arr = np.asarray(hist, dtype=np.float64)
-            trend = fit_trend(arr[:, 0], arr[:, 1]) if len(hist) >= params.min_windows else None
-            out.append({"tractor_id": tid, "signal": sig, "window_start": _dt(w),
-                        "window_end": _dt(w + params.window_s), "count": int(n), "mean": mean, "min": lo,
-                        "max": hi, "std": std, "norm_value": mean,
-                        "slope_per_h": trend.slope if trend else None,
-                        "slope_lo": trend.slope_lo if trend else None,
-                        "slope_hi": trend.slope_hi if trend else None,
-                        "quality_flags": "" if n >= 3 else "sparse"})
-            if trend is None:
-                continue
-            for part in parts_by_signal.get(sig, []):
-                _assess(tid, st, part, trend, w + params.window_s, sig, params, session, context)
-
-
-def _assess(tid: str, st: dict[str, Any], part: Part, trend: Trend, window_end: float, sig: str,
-            params: Params, session: Session, context: Context) -> None:
-    expected, earliest = hours_to_threshold(trend, part.failure, part.direction)
-    heading = trend.slope_hi < 0 if part.direction == "falling" else trend.slope_lo > 0
-    beyond_warning = trend.level <= part.warning if part.direction == "falling" else trend.level >= part.warning
-    due = expected is not None and expected <= part.lead_time_h + params.margin_h
-    alerting = heading and (due or beyond_warning)
-    status = "alert" if alerting else ("warning" if beyond_warning or (heading and due) else "ok")
-    values = {"signal": sig, "level": trend.level, "health": health(trend.level, part.nominal, part.failure),
-              "slope_per_h": trend.slope, "ttf_h": expected, "ttf_lo_h": earliest, "status": status,
-              "as_of": _dt(window_end)}
-    updated = session.execute(update(part_health).where(
-        (part_health.c.tractor_id == tid) & (part_health.c.part_id == part.part_id)).values(**values))
-    if updated.rowcount == 0:  # type: ignore[attr-defined]
-        session.execute(insert(part_health).values(tractor_id=tid, part_id=part.part_id, **values))
-    if not alerting:
-        return
-    episodes = st["episodes"]
-    episode = episodes.get(part.part_id)
-    if episode is None:
-        episode = {"id": f"{tid}:{part.part_id}:{int(window_end)}", "since": window_end, "alerts": 0,
-                   "last_end": 0.0}
-        episodes[part.part_id] = episode
-    elif window_end - episode["last_end"] < params.realert_windows * params.window_s:
-        return
-    episode["alerts"] += 1
-    episode["last_end"] = window_end
-    alert = {
-        "alert_id": f"{episode['id']}#{episode['alerts']}",
-        "episode_id": episode["id"],
-        "tractor_id": tid,
-        "part_id": part.part_id,
-        "signal": sig,
-        "level": trend.level,
-        "slope_per_h": trend.slope,
-        "slope_ci_per_h": [trend.slope_lo, trend.slope_hi],
-        "ttf_h": expected,
-        "ttf_earliest_h": earliest,
-        "failure_threshold": part.failure,
-        "lead_time_h": part.lead_time_h,
-        "detected_at": _dt(window_end).isoformat(),
-        "window_ids": [f"{tid}:{sig}:{_dt(window_end - params.window_s).isoformat()}"],
-    }
-    context.emit(ALERT_TOPIC, tid, alert)
-    context.metrics.incr("alerts")
-
-
-def reset_part(session: Session, tractor_id: str, part_id: str, signal: str) -> None:
-    """Forget the trend baseline and alert episode of one part (after it was replaced)."""
-    row = session.execute(select(trend_state.c.state).where(trend_state.c.tractor_id == tractor_id)).first()
-    if row is None:
-        return
-    st = row[0] if isinstance(row[0], dict) else json.loads(row[0])
-    st["episodes"].pop(part_id, None)
-    st["hist"].pop(signal, None)
-    session.execute(update(trend_state).where(trend_state.c.tractor_id == tractor_id)
-                    .values(state=st, updated_at=datetime.now(UTC)))
-    session.execute(delete(part_health).where((part_health.c.tractor_id == tractor_id)
-                                              & (part_health.c.part_id == part_id)))
+    out = detector.process(frame, states, partitions, load_state)
+    if out.windows:
+        session.execute(insert(trend_windows), out.windows)
+    _upsert_health(session, list(out.health.values()))
+    for alert in out.alerts:
+        context.emit(ALERT_TOPIC, alert["tractor_id"], alert)
+    existing = set(loaded) | extra
+    _save(session, states, existing)
+    _save(session, {_state_key(p): ps for p, ps in partitions.items()}, existing)
+    for name, value in out.counters.items():
+        context.metrics.incr(name, value)
+    context.metrics.incr("windows_closed", len(out.windows))
+    context.metrics.incr("alerts", len(out.alerts))
+    if replaced:
+        context.metrics.incr("replacements_applied", replaced)

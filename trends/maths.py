@@ -1,4 +1,4 @@
-"""Trend maths: robust slope with a confidence interval and time-to-threshold forecasts (numpy)."""
+"""Trend maths (numpy): robust slope with a CI, change detection, condition normalisation, forecasts."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 # Two-sided 95 % Student-t quantiles by degrees of freedom; past 30 the normal value is close enough.
 _T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23,
         12: 2.18, 15: 2.13, 20: 2.09, 25: 2.06, 30: 2.04}
+MAD_TO_SIGMA = 1.4826
 
 
 def t95(dof: int) -> float:
@@ -21,17 +22,30 @@ def t95(dof: int) -> float:
 
 @dataclass(frozen=True)
 class Trend:
-    """A fitted line over recent windows: level at the last point and slope per hour with a 95 % CI."""
+    """A fitted line over recent windows: level at the last point, slope per hour with a 95 % CI, noise scale."""
 
     level: float
     slope: float
     slope_lo: float
     slope_hi: float
     n: int
+    scale: float = 0.0  # robust standard deviation of the residuals around the line
+
+
+def robust_scale(x: np.ndarray) -> float:
+    """Standard deviation estimated from the median absolute deviation (immune to a few outliers)."""
+    if len(x) == 0:
+        return 0.0
+    return float(MAD_TO_SIGMA * np.median(np.abs(x - np.median(x))))
 
 
 def fit_trend(t_h: np.ndarray, y: np.ndarray) -> Trend | None:
-    """Theil–Sen slope (robust to outlier windows) with a least-squares 95 % CI; None under 3 points."""
+    """Theil–Sen slope (robust to outlier windows) with a 95 % CI from the robust residual scale.
+
+    Returns None under 3 points or when all points share one time.
+    """
+    t_h = np.asarray(t_h, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
     n = len(t_h)
     if n < 3:
         return None
@@ -46,27 +60,97 @@ def fit_trend(t_h: np.ndarray, y: np.ndarray) -> Trend | None:
     sxx = float(((t_h - t_h.mean()) ** 2).sum())
     if sxx <= 0:
         return None
-    se = math.sqrt(float((resid**2).sum()) / max(n - 2, 1) / sxx)
-    half = t95(n - 2) * se
+    rms = math.sqrt(float((resid**2).sum()) / max(n - 2, 1))
+    scale = robust_scale(resid)
+    # The robust scale ignores outlier windows; the RMS guards against a MAD of zero on stuck-flat data.
+    sigma = scale if scale > 0 else rms
+    half = t95(n - 2) * sigma / math.sqrt(sxx)
     level = intercept + slope * float(t_h[-1])
-    return Trend(level=level, slope=slope, slope_lo=slope - half, slope_hi=slope + half, n=n)
+    return Trend(level=level, slope=slope, slope_lo=slope - half, slope_hi=slope + half, n=n, scale=sigma)
 
 
-def hours_to_threshold(trend: Trend, threshold: float, direction: str) -> tuple[float | None, float | None]:
-    """(expected, earliest plausible) hours until the level crosses ``threshold``; None if not heading there.
+def cusum_step(pos: float, neg: float, z: float, k: float = 0.5, clip: float = 3.0) -> tuple[float, float]:
+    """One step of a two-sided CUSUM on a standardised residual ``z`` (clipped so one spike cannot alarm)."""
+    z = max(-clip, min(clip, z))
+    return max(0.0, pos + z - k), max(0.0, neg - z - k)
 
-    ``direction`` is "falling" when the part fails as the signal drops below the threshold,
-    "rising" when it fails as the signal climbs above it.
+
+def cusum_alarm(z: np.ndarray, k: float = 0.5, h: float = 8.0, clip: float = 3.0) -> int | None:
+    """Index of the first CUSUM alarm over standardised residuals ``z``, or None."""
+    pos = neg = 0.0
+    for idx, value in enumerate(np.asarray(z, dtype=np.float64)):
+        pos, neg = cusum_step(pos, neg, float(value), k, clip)
+        if pos > h or neg > h:
+            return idx
+    return None
+
+
+def moments(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Moment matrix Σ z zᵀ of z = [1, x₁ … x_k, y] over samples: a regression's sufficient statistics."""
+    z = np.column_stack([np.ones(len(y)), x, y])
+    return z.T @ z
+
+
+@dataclass(frozen=True)
+class Normaliser:
+    """Linear operating-condition effect: value at the reference point = y − beta · (x − ref)."""
+
+    intercept: float  # mean value at the reference operating point over the pooled samples
+    beta: np.ndarray
+    sigma: float  # residual standard deviation of single samples
+    n: float
+
+
+def solve_normaliser(m: np.ndarray, scales: np.ndarray, ridge: float = 4e-4) -> Normaliser | None:
+    """Least-squares fit of y on covariates (already centred on the reference) from a moment matrix.
+
+    ``scales`` are the covariates' typical magnitudes: a small ridge of ``ridge · n · scale²`` keeps the
+    fit stable when a covariate hardly varies (it then gets a coefficient near zero).
     """
+    k = m.shape[0] - 2
+    n = float(m[0, 0])
+    if n < k + 3:
+        return None
+    a = m[: k + 1, : k + 1].copy()
+    b = m[: k + 1, k + 1]
+    if k:
+        a[np.arange(1, k + 1), np.arange(1, k + 1)] += ridge * n * np.asarray(scales, dtype=np.float64) ** 2
+    try:
+        coef = np.linalg.solve(a, b)
+    except np.linalg.LinAlgError:
+        return None
+    sse = float(m[k + 1, k + 1] - 2 * coef @ b + coef @ m[: k + 1, : k + 1] @ coef)
+    sigma = math.sqrt(max(sse, 0.0) / max(n - k - 1, 1.0))
+    return Normaliser(intercept=float(coef[0]), beta=coef[1:], sigma=sigma, n=n)
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """Hours until the level crosses the failure threshold: expected and a 95 % range (None = not heading there)."""
+
+    expected: float | None
+    earliest: float | None
+    latest: float | None
+
+
+def forecast(trend: Trend, threshold: float, direction: str) -> Forecast:
+    """Time to ``threshold`` from a trend; ``direction`` "falling" fails below it, "rising" above it."""
     sign = -1.0 if direction == "falling" else 1.0
     gap = sign * (threshold - trend.level)  # > 0 while the threshold is still ahead
     if gap <= 0:
-        return 0.0, 0.0
+        return Forecast(0.0, 0.0, 0.0)
     rate = sign * trend.slope  # > 0 when heading toward the threshold
     fastest = max(sign * trend.slope_lo, sign * trend.slope_hi)
-    expected = gap / rate if rate > 0 else None
-    earliest = gap / fastest if fastest > 0 else None
-    return expected, earliest
+    slowest = min(sign * trend.slope_lo, sign * trend.slope_hi)
+    return Forecast(expected=gap / rate if rate > 0 else None,
+                    earliest=gap / fastest if fastest > 0 else None,
+                    latest=gap / slowest if slowest > 0 else None)
+
+
+def hours_to_threshold(trend: Trend, threshold: float, direction: str) -> tuple[float | None, float | None]:
+    """(expected, earliest plausible) hours until the level crosses ``threshold``; None if not heading there."""
+    f = forecast(trend, threshold, direction)
+    return f.expected, f.earliest
 
 
 def health(level: float, nominal: float, failure: float) -> float:

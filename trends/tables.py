@@ -17,12 +17,16 @@ trend_windows = Table(
     Column("min", Float, nullable=False),
     Column("max", Float, nullable=False),
     Column("std", Float, nullable=False),
+    Column("n_used", Integer, nullable=True),  # samples inside the operating band that fed the trend (0002)
     Column("norm_value", Float, nullable=True),
+    Column("level", Float, nullable=True),  # trend line's value at this window (0002)
     Column("slope_per_h", Float, nullable=True),
     Column("slope_lo", Float, nullable=True),
     Column("slope_hi", Float, nullable=True),
     Column("quality_flags", String(64), nullable=False, default=""),
     Index("ix_trend_windows_signal_start", "signal", "window_start"),
+    # Fleet-wide time slices (0002); on PostgreSQL a BRIN index on window_end is added by the migration.
+    Index("ix_trend_windows_start", "window_start"),
 )
 
 part_health = Table(
@@ -35,9 +39,12 @@ part_health = Table(
     Column("slope_per_h", Float, nullable=True),
     Column("ttf_h", Float, nullable=True),
     Column("ttf_lo_h", Float, nullable=True),
+    Column("ttf_hi_h", Float, nullable=True),  # 0002
+    Column("episode_id", String(128), nullable=True),  # 0002
     Column("status", String(16), nullable=False),  # ok | warning | alert
     Column("as_of", DateTime(timezone=True), nullable=False),
     Index("ix_part_health_health", "health"),
+    Index("ix_part_health_status_health", "status", "health"),  # 0002
 )
 
 trend_state = Table(

@@ -1,0 +1,101 @@
+"""Trend maths against cases with known answers: slopes, change points, normalisation, forecasts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from trends.maths import (
+    Trend,
+    cusum_alarm,
+    fit_trend,
+    forecast,
+    health,
+    moments,
+    robust_scale,
+    solve_normaliser,
+)
+
+
+def test_theil_sen_recovers_the_slope_of_a_noisy_line_within_its_interval() -> None:
+    rng = np.random.default_rng(1)
+    t = np.arange(72, dtype=float)
+    y = 320.0 - 0.8 * t + rng.normal(0, 3.0, t.size)
+    trend = fit_trend(t, y)
+    assert trend is not None
+    assert trend.slope == pytest.approx(-0.8, abs=0.05)
+    assert trend.slope_lo < -0.8 < trend.slope_hi
+    assert trend.level == pytest.approx(320.0 - 0.8 * 71, abs=3.0)
+
+
+def test_theil_sen_ignores_a_few_wild_windows() -> None:
+    t = np.arange(40, dtype=float)
+    y = 100.0 + 0.5 * t
+    y[[5, 17, 30]] = [900.0, -500.0, 1e4]  # spikes a sensor can produce
+    trend = fit_trend(t, y)
+    assert trend is not None
+    assert trend.slope == pytest.approx(0.5, abs=0.01)
+
+
+def test_flat_noise_gives_an_interval_that_contains_zero() -> None:
+    rng = np.random.default_rng(2)
+    t = np.arange(48, dtype=float)
+    trend = fit_trend(t, 13.9 + rng.normal(0, 0.05, t.size))
+    assert trend is not None and trend.slope_lo < 0 < trend.slope_hi
+
+
+def test_too_few_points_give_no_trend() -> None:
+    assert fit_trend(np.array([0.0, 1.0]), np.array([1.0, 2.0])) is None
+    assert fit_trend(np.array([3.0, 3.0, 3.0]), np.array([1.0, 2.0, 3.0])) is None
+
+
+def test_cusum_finds_a_step_at_its_known_time_and_ignores_one_spike() -> None:
+    rng = np.random.default_rng(3)
+    z = rng.normal(0, 1, 200)
+    z[60] = 40.0  # one spike: clipped, no alarm
+    assert cusum_alarm(z[:120], k=1.0, h=10.0) is None
+    z[120:] += 4.0  # a level shift of four standard deviations at index 120
+    alarm = cusum_alarm(z, k=1.0, h=10.0)
+    assert alarm is not None and 120 <= alarm <= 126
+
+
+def test_normalisation_removes_a_known_operating_effect() -> None:
+    rng = np.random.default_rng(4)
+    rpm = rng.uniform(1500, 2200, 2000)
+    oil_t = rng.uniform(80, 110, 2000)
+    # value at the reference point (1800 rpm, 95 °C) is 300; +0.2 per rpm, −1.5 per °C
+    y = 300.0 + 0.2 * (rpm - 1800) - 1.5 * (oil_t - 95) + rng.normal(0, 2.0, 2000)
+    x = np.column_stack([rpm - 1800, oil_t - 95])
+    fit = solve_normaliser(moments(x, y), scales=np.array([1800.0, 95.0]), ridge=1e-6)
+    assert fit is not None
+    assert fit.intercept == pytest.approx(300.0, abs=0.3)
+    assert fit.beta == pytest.approx([0.2, -1.5], abs=0.01)
+    assert fit.sigma == pytest.approx(2.0, rel=0.1)
+    normalised = y - x @ fit.beta
+    assert normalised.std() < 2.2 < y.std() / 10  # the operating effect is gone, only noise is left
+
+
+def test_a_covariate_that_never_moves_gets_no_weight() -> None:
+    rng = np.random.default_rng(5)
+    y = 50.0 + rng.normal(0, 1.0, 500)
+    x = np.full((500, 1), 10.0)  # always 10 above its reference: collinear with the intercept
+    fit = solve_normaliser(moments(x, y), scales=np.array([60.0]))
+    assert fit is not None and abs(fit.beta[0]) < 0.1
+
+
+def test_forecast_time_to_threshold_with_its_range() -> None:
+    trend = Trend(level=200.0, slope=-1.0, slope_lo=-1.25, slope_hi=-0.8, n=30)
+    fc = forecast(trend, 150.0, "falling")
+    assert fc.expected == pytest.approx(50.0)
+    assert fc.earliest == pytest.approx(40.0)
+    assert fc.latest == pytest.approx(62.5)
+    assert forecast(trend, 150.0, "rising").expected == 0.0  # "rising" part already beyond 150
+    flat = Trend(level=200.0, slope=0.1, slope_lo=-0.1, slope_hi=0.3, n=30)
+    assert forecast(flat, 150.0, "falling").expected is None
+
+
+def test_health_and_robust_scale() -> None:
+    assert health(320.0, 320.0, 150.0) == 1.0
+    assert health(235.0, 320.0, 150.0) == pytest.approx(0.5)
+    assert health(100.0, 320.0, 150.0) == 0.0
+    assert robust_scale(np.array([1.0, 1.0, 1.0, 1.0, 100.0])) == 0.0
