@@ -162,17 +162,21 @@ class Fleet:
         skew = self.network.clock_skew_s
         rows = readings[idx].tolist()
         hours = self.model.engine_hours[idx].tolist()
-        partial = missing[idx].any(axis=1).tolist()
+        order = idx.tolist()
         pending = self._pending
         # %-formatting with one precompiled template per sample: the hot path at 10,000 tractors × 1 Hz.
-        for k, i in enumerate(idx.tolist()):
+        samples = [_SAMPLE_FMT % (ts_now, h, *r) for h, r in zip(hours, rows, strict=True)]
+        # the few tractors with a skewed clock or a dropped-out signal are redone one by one
+        odd = set(np.flatnonzero(missing[idx].any(axis=1)).tolist())
+        if skew:
+            odd.update(k for k, i in enumerate(order) if i in skew)
+        for k in sorted(odd):
+            i = order[k]
             ts = format_ts(self.start + timedelta(seconds=t + skew[i])) if i in skew else ts_now
-            if partial[k]:
-                keep = [_READING_FMT[j] % v for j, v in enumerate(rows[k]) if not missing[i, j]]
-                sample = '{"ts":"%s","engine_hours":%.3f,"readings":{%s}}' % (  # noqa: UP031
-                    ts, hours[k], ",".join(keep))
-            else:
-                sample = _SAMPLE_FMT % (ts, hours[k], *rows[k])
+            keep = [_READING_FMT[j] % v for j, v in enumerate(rows[k]) if not missing[i, j]]
+            samples[k] = '{"ts":"%s","engine_hours":%.3f,"readings":{%s}}' % (  # noqa: UP031
+                ts, hours[k], ",".join(keep))
+        for i, sample in zip(order, samples, strict=True):
             pending[i].append(sample)
         self._pending_n[idx] += 1
 
