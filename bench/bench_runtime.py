@@ -104,8 +104,11 @@ def runtime_one(s: Settings, topic: str, records: int, db_url: str | None) -> fl
         seen[0] += sum(len(v) for v in event["records"].values())
 
     worker = KafkaWorker(fn, s.bootstrap, make_sessions(engine), handler=counting_noop)
+    deadline = time.monotonic() + 300
     try:
-        worker.run(until=lambda: seen[0] >= records)
+        worker.run(until=lambda: seen[0] >= records or time.monotonic() > deadline)
+        if seen[0] < records:
+            raise RuntimeError(f"runtime read only {seen[0]} of {records} records in 300 s")
         return seen[0] / (time.perf_counter() - first[0])
     finally:
         worker.close()

@@ -111,7 +111,7 @@ class KafkaWorker:
             bootstrap_servers=bootstrap, group_id=self.group, enable_auto_commit=False,
             auto_offset_reset="latest" if fn.starting_position == "LATEST" else "earliest",
             max_poll_records=fn.batch_size, max_poll_interval_ms=max(300_000, int(fn.timeout_s * 4000)),
-            fetch_max_wait_ms=100, session_timeout_ms=10_000, metadata_max_age_ms=15_000, heartbeat_interval_ms=2_000,
+            fetch_max_wait_ms=100, session_timeout_ms=15_000, metadata_max_age_ms=15_000, heartbeat_interval_ms=3_000,
             client_id=f"{self.group}-{self.worker_id}",
         )
         self.producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5)
