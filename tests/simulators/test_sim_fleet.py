@@ -8,10 +8,12 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ingest.contract import telemetry_topic
 from ingest.validate import parse_ts, validate
-from simulators.faults import VALID_FAULT_KINDS, Fault
+from simulators.faults import FAULT_KINDS, VALID_FAULT_KINDS, Fault
 from simulators.fleet import DAY, Fleet, Network
 from simulators.publish import ListSink, iter_messages, run_fleet
 from simulators.scenario import ScenarioFile, build, load
@@ -187,3 +189,47 @@ def test_tractor_models_follow_their_shares_and_field_ranges() -> None:
     for i, name in enumerate(names):
         (rlo, rhi), (llo, lhi) = ranges[name]
         assert rlo <= plan.rpm_field[i] <= rhi and llo <= plan.load_field[i] <= lhi
+
+
+@settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), wear=st.floats(0, 1), faults=st.floats(0, 1),
+       kinds=st.lists(st.sampled_from(FAULT_KINDS), min_size=1, max_size=6, unique=True),
+       dup=st.floats(0, 0.3), reorder=st.floats(0, 0.3), skew=st.floats(0, 1), gaps=st.floats(0, 1),
+       batch=st.integers(1, 40), period=st.sampled_from([60.0, 600.0, 1800.0]))
+def test_property_everything_emitted_validates_unless_labelled_invalid(
+        seed: int, wear: float, faults: float, kinds: list[str], dup: float, reorder: float, skew: float,
+        gaps: float, batch: int, period: float) -> None:
+    doc = {"name": "prop", "tractors": 4, "days": 1.2, "period_s": period, "seed": seed,
+           "start": "2026-05-04T00:00:00Z",
+           "wear_mix": {"fraction": wear, "failure_at": [0.1, 1.5]},
+           "fault_mix": {"fraction": faults, "per_tractor": 3, "kinds": kinds},
+           "network": {"samples_per_message": batch, "gap_tractor_fraction": gaps, "duplicate_probability": dup,
+                       "reorder_probability": reorder, "clock_skew_fraction": skew, "gap_hours": [0.5, 10.0]}}
+    fleet, days, period_s = build(ScenarioFile.model_validate(doc))
+    msgs = list(iter_messages(fleet, days, period_s))
+    truth = fleet.truth()
+    labelled = {(x["tractor_id"], x["ts"]) for x in truth["invalid_samples"]}
+    received = parse_ts(truth["end"]) + timedelta(seconds=1)
+    refused = set()
+    for tid, payload in msgs:
+        verdict = validate(telemetry_topic(tid), payload, now=received)
+        assert {r.reason for r in verdict.rejections} <= {"reading_out_of_range"}
+        samples = json.loads(payload)["samples"]
+        refused |= {(tid, samples[r.sample_index]["ts"]) for r in verdict.rejections}
+    assert refused == labelled
+    assert len(msgs) == truth["messages"]
+
+
+def test_real_time_mode_paces_steps_on_the_wall_clock() -> None:
+    import time
+
+    from simulators.publish import publish_steps
+
+    steps = [(k / 4, [("T00001", b"{}")]) for k in range(1, 5)]  # four steps of 0.5 simulated seconds
+    t0 = time.monotonic()
+    result = publish_steps(iter(steps), ListSink(), ["T00001"], period_s=0.5, speed=1.0)
+    assert time.monotonic() - t0 >= 2.0 - 0.05  # a step is never published before its simulated time
+    assert result.messages == 4
+    t0 = time.monotonic()
+    publish_steps(iter(steps), ListSink(), ["T00001"], period_s=0.5, speed=0.0)
+    assert time.monotonic() - t0 < 1.0  # flat out does not wait
