@@ -100,7 +100,8 @@ def run_simulation(s: Settings, scenario: str, tractors: int | None, days: float
     if truth:
         truth.write_text(json.dumps(ground_truth, indent=1))
     rate = result.readings / result.seconds if result.seconds > 0 else 0.0
-    err.print(f"published {result.messages} messages ({result.samples} samples, {result.readings} readings) "
+    verb = "published" if out is None else f"wrote to {out}"  # tests/test_end_to_end.py reads "published N"
+    err.print(f"{verb} {result.messages} messages ({result.samples} samples, {result.readings} readings) "
               f"in {result.seconds:.1f}s ({rate:,.0f} readings/s)"
               + (f"; fell behind real time by up to {result.lag_s:.1f}s" if speed > 0 and result.lag_s > 1 else ""))
     return result.messages, ground_truth
