@@ -138,7 +138,7 @@ def fuel_filter_dp(level: np.ndarray, rpm: np.ndarray, load: np.ndarray) -> np.n
 
 
 def dpf_soot(level: np.ndarray, soot: np.ndarray) -> np.ndarray:
-    """Soot load: the part's baseline (ash, damage) plus soot that builds at low load and burns off above 55 %."""
+    """Soot load: the part's baseline (ash, damage) plus soot that builds at low load and burns off (regenerates)."""
     return level + soot
 
 
@@ -258,6 +258,7 @@ class TractorModel:
         self.coolant = amb0.copy()
         self.oil = amb0.copy()
         self.soot = rng.uniform(0.0, 10.0, n)
+        self.regenerating = np.zeros(n, dtype=bool)
         self._plan_day: int | None = None
         self._plan: DayPlan | None = None
         self.mode = np.zeros(n, dtype=np.int8)
@@ -318,8 +319,11 @@ class TractorModel:
         # Engines warm up with a lag and cool down to ambient slowly once switched off.
         self.coolant = np.where(running, _lag(self.coolant, cool_ss, dt, 480.0), _lag(self.coolant, amb, dt, 5400.0))
         self.oil = np.where(running, _lag(self.oil, oil_ss, dt, 900.0), _lag(self.oil, amb, dt, 7200.0))
+        # Soot builds at low load and burns off passively above 55 %; at 30 % the engine control unit starts an
+        # active regeneration that burns it down to 5 % (the DPF's sawtooth).
+        self.regenerating = running & np.where(self.regenerating, self.soot > 5.0, self.soot >= 30.0)
         soot_rate = np.where(load < 45.0, 8.0 * (45.0 - load) / 45.0, 0.0) - np.where(
-            load > 55.0, 20.0 * (load - 55.0) / 45.0, 0.0)
+            load > 55.0, 20.0 * (load - 55.0) / 45.0, 0.0) - np.where(self.regenerating, 60.0, 0.0)
         self.soot = np.where(running, np.clip(self.soot + soot_rate * dt / HOUR, 0.0, 40.0), self.soot)
         hours = np.where(running, dt / HOUR, 0.0)
         self.engine_hours = self.engine_hours + hours

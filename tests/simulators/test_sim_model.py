@@ -129,3 +129,16 @@ def test_a_catalog_the_simulator_cannot_model_is_a_scenario_error(change: dict, 
     rows[0].update(change)  # OIL-PUMP
     with pytest.raises(ScenarioError, match=expected):
         build(load("oil-pump-demo"), tractors=2, days=1, catalog=rows)
+
+
+def test_dpf_soot_builds_at_low_load_and_regenerates() -> None:
+    low_load = model.Schedule(field_load=(15.0, 20.0), work_day_probability=1.0, sunday_work_probability=1.0)
+    fleet = Fleet(3, 2, START, parts=PARTS, schedule=low_load)
+    soot = []
+    for _frac, _msgs in fleet.run(4, 300.0):
+        if (fleet.model.mode != model.OFF).all():
+            soot.append(fleet.last_readings[:, SIGNAL_INDEX["dpf_soot_pct"]] - PARTS["DPF"].nominal)
+    series = np.asarray(soot)
+    assert series.max() > 25.0  # it does build up ...
+    assert series.max() < 32.0  # ... but active regeneration caps it
+    assert (np.diff(series, axis=0) < -3.0).any()  # and burns it off quickly
