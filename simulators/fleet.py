@@ -89,6 +89,8 @@ class Fleet:
         self._pending: list[list[str]] = [[] for _ in range(tractors)]
         self._pending_n = np.zeros(tractors, dtype=np.int64)
         self._held: dict[int, bytes] = {}
+        self._steps = 0
+        self._phase = np.arange(tractors) % self.network.samples_per_message
         gaps: dict[int, list[tuple[float, float]]] = {}
         for i, a, b in sorted(self.network.gaps):
             gaps.setdefault(i, []).append((a, b))
@@ -192,8 +194,12 @@ class Fleet:
         return (t >= self._gap_start) & (t < self._gap_end)
 
     def _flush(self, t: float, running: np.ndarray) -> list[tuple[str, bytes]]:
-        due = (self._pending_n > 0) & ~self._in_gap(t) & (
-            (self._pending_n >= self.network.samples_per_message) | ~running)
+        k = self.network.samples_per_message
+        self._steps += 1
+        # Telematics units are not synchronised: tractor i sends on the steps where (step + i) % k == 0, so
+        # each step carries about n/k messages instead of all n every k-th step.
+        on_turn = (self._steps + self._phase) % k == 0
+        due = (self._pending_n > 0) & ~self._in_gap(t) & (on_turn | (self._pending_n >= k) | ~running)
         out: list[tuple[str, bytes]] = []
         for i in np.flatnonzero(due).tolist():
             self._send(i, out)

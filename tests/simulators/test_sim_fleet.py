@@ -233,3 +233,16 @@ def test_real_time_mode_paces_steps_on_the_wall_clock() -> None:
     t0 = time.monotonic()
     publish_steps(iter(steps), ListSink(), ["T00001"], period_s=0.5, speed=0.0)
     assert time.monotonic() - t0 < 1.0  # flat out does not wait
+
+
+def test_batched_tractors_send_on_staggered_steps() -> None:
+    from simulators.model import Schedule
+
+    always = Schedule(work_day_probability=1.0, sunday_work_probability=1.0, start_hour=(0.0, 0.0),
+                      end_hour=(24.0, 24.0), lunch_engine_off_probability=0.0)
+    fleet = Fleet(20, 3, START, network=Network(samples_per_message=5), schedule=always)
+    steps = [msgs for _frac, msgs in fleet.run(0.05, 10.0)]
+    per_step = [len(msgs) for msgs in steps[:-1]]  # the last step flushes everyone
+    assert max(per_step) <= 6 and min(per_step[5:]) >= 3  # ~20/5 a step, never all 20 at once
+    sizes = [len(json.loads(p)["samples"]) for msgs in steps for _t, p in msgs]
+    assert max(sizes) == 5 and sum(sizes) == fleet.truth()["samples"]
