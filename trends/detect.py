@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -45,6 +46,8 @@ class Part:
     normalise_by: tuple[tuple[str, float], ...] = ()
     transform: str = "linear"
     band: tuple[tuple[str, float, float], ...] = ()
+    relative_to: tuple[str, float] | None = None  # (condition, reference): compare value − condition + reference
+    daily: str = "median"  # how a day's windows summarise: "median", or "min" for state-like signals (soot)
 
     @classmethod
     def from_row(cls, row: Any) -> Part:
@@ -52,9 +55,11 @@ class Part:
         extra = row.extra if isinstance(row.extra, dict) else json.loads(row.extra or "null") or {}
         norm = tuple((str(k), float(v)) for k, v in (extra.get("normalise_by") or {}).items())
         band = tuple((str(k), float(v[0]), float(v[1])) for k, v in (extra.get("band") or {}).items())
+        rel = extra.get("relative_to")
+        relative = (str(next(iter(rel))), float(next(iter(rel.values())))) if isinstance(rel, dict) and rel else None
         return cls(row.part_id, row.signal, row.direction, float(row.nominal), float(row.warning_threshold),
                    float(row.failure_threshold), float(row.lead_time_h), norm, str(extra.get("transform", "linear")),
-                   band)
+                   band, relative, str(extra.get("daily", "median")))
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,8 @@ class Channel:
     log: bool
     band: tuple[tuple[str, float, float], ...]
     parts: tuple[Part, ...]
+    relative_to: tuple[str, float] | None = None
+    daily: str = "median"
 
     @property
     def k(self) -> int:
@@ -92,7 +99,7 @@ def channels_for(parts: list[Part]) -> dict[str, Channel]:
         first = ps[0]
         out[sig] = Channel(sig, tuple(c for c, _ in first.normalise_by),
                            np.array([r for _, r in first.normalise_by], dtype=np.float64), first.transform == "log",
-                           first.band, tuple(ps))
+                           first.band, tuple(ps), first.relative_to, first.daily)
     return out
 
 
@@ -106,9 +113,10 @@ class Params:
     history: int = 24  # windows the window-level trend (change detection, held steps) is fitted over
     min_windows_after_change: int = 6  # windows needed after a change point before the window trend counts
     history_days: int = 14  # days the slope and forecast are fitted over
+    recent_days: int = 5  # a second, short fit over the last days catches accelerating wear
     min_days: int = 6  # days needed before a slope counts
     confirm: int = 3  # consecutive window-trend fits that must show a held step before it alerts
-    confirm_days: int = 2  # consecutive day-trend fits that must forecast failure before it alerts
+    confirm_days: int = 3  # consecutive day-trend fits that must forecast failure before it alerts
     halflife_windows: float = 240.0  # memory of the operating-condition regression
     refit_windows: int = 4  # re-solve the regression and re-fit the window trend every so many windows
     min_samples: int = 60  # samples the condition regression needs before windows get a normalised value
@@ -118,9 +126,10 @@ class Params:
     noisy_ratio: float = 3.0  # window residual std / usual std above which a window is a noise burst
     cusum_k: float = 1.0
     cusum_h: float = 10.0
-    min_progress: float = 0.15  # share of the way from baseline to failure before any alert
+    min_progress: float = 0.25  # share of the way from baseline to failure before any alert
     step_progress: float = 0.6  # a level held this far toward failure alerts even without a slope
     lead_factor: float = 2.5
+    max_extra_h: float = 120.0
     margin_h: float = 72.0
     realert_windows: int = 24
     max_seqs: int = 4096
@@ -311,6 +320,10 @@ class Detector:
                     yt = np.log(np.where(yv > 0, yv, 1.0))
                 else:
                     yt = yv
+                if ch.relative_to is not None:  # e.g. temperature rise over ambient, at the reference ambient
+                    cond = column(ch.relative_to[0])
+                    ok &= np.isfinite(cond)
+                    yt = yt - np.nan_to_num(cond) + ch.relative_to[1]
                 z[:, kmax + 1] = yt
                 level, beta, width = self._gate_arrays(ch, tids, states)
                 c = codes[rows]
@@ -458,19 +471,23 @@ class Detector:
         n = a[:, N]
         mean = a[:, SUM] / n
         std = np.sqrt(np.maximum(a[:, SUMSQ] / n - mean * mean, 0.0))
-        for row, i in enumerate(idx):
-            w = int(keys[i, 1])
-            sig = signals[int(keys[i, 2])]
+        rows = a.tolist()
+        starts = keys[idx, 1].tolist()
+        sig_idx = keys[idx, 2].tolist()
+        counts, means, stds = n.astype(np.int64).tolist(), mean.tolist(), std.tolist()
+        for row in range(len(idx)):
+            w = starts[row]
+            sig = signals[sig_idx[row]]
             r = {"tractor_id": tid, "signal": sig, "window_start": _dt(w), "window_end": _dt(w + p.window_s),
-                 "count": int(n[row]), "mean": float(mean[row]), "min": float(a[row, LO]), "max": float(a[row, HI]),
-                 "std": float(std[row]), "n_used": 0, "norm_value": None, "level": None, "slope_per_h": None,
+                 "count": counts[row], "mean": means[row], "min": rows[row][LO], "max": rows[row][HI],
+                 "std": stds[row], "n_used": 0, "norm_value": None, "level": None, "slope_per_h": None,
                  "slope_lo": None, "slope_hi": None, "quality_flags": ""}
             ch = self.channels.get(sig)
             if ch is not None:
-                self._close_channel(tid, st, ch, w, a[row], r, out)
+                self._close_channel(tid, st, ch, w, rows[row], r, out)
             out.windows.append(r)
 
-    def _close_channel(self, tid: str, st: dict[str, Any], ch: Channel, w: int, a: np.ndarray, r: dict[str, Any],
+    def _close_channel(self, tid: str, st: dict[str, Any], ch: Channel, w: int, a: list[float], r: dict[str, Any],
                        out: Outputs) -> None:
         """Normalise one closed window of a wear signal, update its trend and change detector, assess its parts."""
         p = self.params
@@ -486,31 +503,36 @@ class Detector:
         norm = None
         if nu >= 1 and "stuck" not in flags:
             cs["rej"] = 0
-            full = a[BASE:].reshape(d, d)
+            # Plain floats: a window's moment block is at most 4 × 4, numpy calls would cost more than the maths.
             sel = [*range(k + 1), d - 1]
-            m = full[np.ix_(sel, sel)]
-            beta = np.asarray(cs["beta"], dtype=np.float64) if cs["beta"] is not None else np.zeros(k)
-            u = (m[0, k + 1] - beta @ m[0, 1:k + 1]) / nu
-            v = np.concatenate([[0.0], -beta, [1.0]])
-            resid_var = max(float(v @ m @ v) / nu - u * u, 0.0)
+            m = [[a[BASE + i * d + j] for j in sel] for i in sel]
+            beta = cs["beta"] if cs["beta"] is not None else [0.0] * k
+            y = k + 1
+            u = (m[0][y] - sum(beta[j] * m[0][1 + j] for j in range(k))) / nu
+            v = [0.0, *(-b for b in beta), 1.0]
+            vmv = sum(v[i] * v[j] * m[i][j] for i in range(1, k + 2) for j in range(1, k + 2))
+            resid_var = max(vmv / nu - u * u, 0.0)
             if nu >= 3 and cs["sigma"] > 0 and math.sqrt(resid_var) > p.noisy_ratio * cs["sigma"]:
                 flags.append("noisy")
             else:
                 # Pool only the scatter *within* windows: wear moves the level between windows, not inside one,
                 # so the condition effects are learnt free of the wear trend.
-                centred = m - np.outer(m[0], m[0]) / nu
-                centred[0, 0] = nu
-                s = np.asarray(cs["S"], dtype=np.float64).reshape(k + 2, k + 2) if cs["S"] is not None else 0.0
-                s = self.decay * s + centred
-                cs["S"] = s.ravel().tolist()
+                size = k + 2
+                old = cs["S"] or [0.0] * (size * size)
+                decay = self.decay
+                new_s = [decay * old[i * size + j] + m[i][j] - m[0][i] * m[0][j] / nu
+                         for i in range(size) for j in range(size)]
+                new_s[0] = decay * old[0] + nu
+                cs["S"] = new_s
                 cs["refit"] += 1
                 if cs["beta"] is None or cs["refit"] >= p.refit_windows:
-                    fit = solve_normaliser(s, np.maximum(np.abs(ch.refs), 1.0), ridge=1e-5)
+                    fit = solve_normaliser(np.asarray(new_s).reshape(size, size), np.maximum(np.abs(ch.refs), 1.0),
+                                           ridge=1e-5)
                     if fit is not None:
                         cs["beta"], cs["sigma"], cs["refit"] = fit.beta.tolist(), fit.sigma, 0
-                        beta = fit.beta
-                        u = (m[0, k + 1] - beta @ m[0, 1:k + 1]) / nu
-                if float(s[0, 0]) >= p.min_samples:
+                        beta = cs["beta"]
+                        u = (m[0][y] - sum(beta[j] * m[0][1 + j] for j in range(k))) / nu
+                if new_s[0] >= p.min_samples:
                     norm = ch.untransform(u)
                 cs["level"] = u
                 if nu < 2:
@@ -535,6 +557,7 @@ class Detector:
         cs["day"] = None
         cs["trend"] = None
         cs["dtrend"] = None
+        cs["rtrend"] = None
         cs["cp"] = cs["cn"] = 0.0
         cs["ok"] = {}
 
@@ -552,7 +575,7 @@ class Detector:
                 # A step (sensor offset, sudden wear): shift the day history by the step instead of forgetting it,
                 # so a step alone never looks like a slope and a slope survives a step.
                 recent = [v for _, v in cs["hist"][-3:]] + [norm]
-                delta = float(np.median(recent)) - pred
+                delta = statistics.median(recent) - pred
                 days_kept = [[t, v + delta] for t, v in cs.get("days", [])]
                 self._change(cs, keep=3)
                 cs["days"] = days_kept
@@ -566,7 +589,8 @@ class Detector:
         days = cs.setdefault("days", [])
         day_closed = False
         if cur is not None and cur[0] != day:
-            days.append([cur[0] * 24 + 12.0, float(np.median(cur[1]))])
+            summary = min(cur[1]) if ch.daily == "min" else statistics.median(cur[1])
+            days.append([cur[0] * 24 + 12.0, float(summary)])
             del days[:-p.history_days]
             cur = None
             day_closed = True
@@ -575,7 +599,7 @@ class Detector:
         cur[1].append(norm)
         cs["day"] = cur
         if cs["base"] is None and len(days) >= p.min_days:
-            cs["base"] = float(np.median([v for _, v in days]))
+            cs["base"] = statistics.median([v for _, v in days])
         cs["since"] = cs.get("since", 0) + 1
         window_fit = len(hist) >= p.min_windows_after_change and (cs["since"] >= p.refit_windows or day_closed)
         if window_fit:
@@ -587,8 +611,12 @@ class Detector:
         if day_closed and len(days) >= p.min_days:
             darr = np.asarray(days, dtype=np.float64)
             dfit = fit_trend(darr[:, 0], darr[:, 1])
+            # The last few days alone see accelerating wear sooner; the longer fit stays the default.
+            recent = fit_trend(darr[-p.recent_days:, 0], darr[-p.recent_days:, 1])
             cs["dtrend"] = None if dfit is None else [dfit.level, dfit.slope, dfit.slope_lo, dfit.slope_hi, dfit.n,
                                                       dfit.scale, float(darr[-1, 0])]
+            cs["rtrend"] = None if recent is None else [recent.level, recent.slope, recent.slope_lo, recent.slope_hi,
+                                                        recent.n, recent.scale, float(darr[-1, 0])]
         if cs["base"] is None or not (window_fit or day_closed):
             return
         trend = Trend(*cs["trend"][:4], int(cs["trend"][4]), cs["trend"][5]) if cs["trend"] else None
@@ -620,11 +648,19 @@ class Detector:
         held = trend is not None and progress >= p.step_progress and trend.n >= p.min_windows_after_change
         slope_rule = False
         fc = forecast(dtrend or latest, part.failure, part.direction)
-        if dtrend is not None:
-            dprog = progress_of(dtrend.level)
-            toward = min(sign * dtrend.slope_lo, sign * dtrend.slope_hi) > 0
-            due = fc.expected is not None and fc.expected <= p.lead_factor * part.lead_time_h + p.margin_h
-            slope_rule = dprog >= p.min_progress and toward and due
+        # Order when failure is forecast within the lead time plus a margin that grows with the lead time
+        # (forecasts of accelerating wear run late) but stays bounded (noisy slow signals wander).
+        horizon = part.lead_time_h + p.margin_h + min((p.lead_factor - 1) * part.lead_time_h, p.max_extra_h)
+        rtrend = Trend(*cs["rtrend"][:4], int(cs["rtrend"][4]), cs["rtrend"][5]) if cs.get("rtrend") else None
+        for cand in (dtrend, rtrend):
+            if cand is None:
+                continue
+            cfc = forecast(cand, part.failure, part.direction)
+            toward = min(sign * cand.slope_lo, sign * cand.slope_hi) > 0
+            due = cfc.expected is not None and cfc.expected <= horizon
+            if progress_of(cand.level) >= p.min_progress and toward and due:
+                slope_rule = True
+                fc = cfc if cand is rtrend and (fc.expected is None or (cfc.expected or 0) < fc.expected) else fc
         # Both rules must hold on consecutive looks: held steps over window fits, slopes over day fits.
         ok = cs.setdefault("ok", {}).setdefault(part.part_id, [0, 0])
         ok[0] = ok[0] + 1 if held else 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -13,11 +14,24 @@ _T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31,
 MAD_TO_SIGMA = 1.4826
 
 
+_T95_BY_DOF = [_T95[max(k for k in _T95 if k <= max(d, 1))] for d in range(30)]
+
+
 def t95(dof: int) -> float:
     """95 % two-sided Student-t quantile for ``dof`` degrees of freedom."""
     if dof >= 30:
         return 1.96 + 2.4 / dof
-    return _T95[max(k for k in _T95 if k <= max(dof, 1))]
+    return _T95_BY_DOF[max(dof, 0)]
+
+
+def _median(x: np.ndarray) -> float:
+    """Median via one partition (np.median's generality costs more than the work on short arrays)."""
+    n = len(x)
+    h = n // 2
+    if n % 2:
+        return float(np.partition(x, h)[h])
+    part = np.partition(x, (h - 1, h))
+    return float(0.5 * (part[h - 1] + part[h]))
 
 
 @dataclass(frozen=True)
@@ -36,7 +50,13 @@ def robust_scale(x: np.ndarray) -> float:
     """Standard deviation estimated from the median absolute deviation (immune to a few outliers)."""
     if len(x) == 0:
         return 0.0
-    return float(MAD_TO_SIGMA * np.median(np.abs(x - np.median(x))))
+    return float(MAD_TO_SIGMA * _median(np.abs(x - _median(x))))
+
+
+@functools.lru_cache(maxsize=128)
+def _pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs i < j of n points (cached: trends are refitted over the same few lengths)."""
+    return np.triu_indices(n, k=1)
 
 
 def fit_trend(t_h: np.ndarray, y: np.ndarray) -> Trend | None:
@@ -49,13 +69,13 @@ def fit_trend(t_h: np.ndarray, y: np.ndarray) -> Trend | None:
     n = len(t_h)
     if n < 3:
         return None
-    i, j = np.triu_indices(n, k=1)
+    i, j = _pairs(n)
     dt = t_h[j] - t_h[i]
     ok = dt > 0
     if not ok.any():
         return None
-    slope = float(np.median((y[j] - y[i])[ok] / dt[ok]))
-    intercept = float(np.median(y - slope * t_h))
+    slope = _median((y[j] - y[i])[ok] / dt[ok])
+    intercept = _median(y - slope * t_h)
     resid = y - (intercept + slope * t_h)
     sxx = float(((t_h - t_h.mean()) ** 2).sum())
     if sxx <= 0:
@@ -65,6 +85,14 @@ def fit_trend(t_h: np.ndarray, y: np.ndarray) -> Trend | None:
     # The robust scale ignores outlier windows; the RMS guards against a MAD of zero on stuck-flat data.
     sigma = scale if scale > 0 else rms
     half = t95(n - 2) * sigma / math.sqrt(sxx)
+    if n >= 6:
+        # Residuals that wander together (weather, slow state) make a line look surer than it is: widen the
+        # interval by the AR(1) variance factor of the residuals' lag-1 autocorrelation.
+        r0 = resid - resid.mean()
+        denom = float((r0 * r0).sum())
+        rho = float((r0[1:] * r0[:-1]).sum()) / denom if denom > 0 else 0.0
+        rho = min(max(rho, 0.0), 0.9)
+        half *= math.sqrt((1 + rho) / (1 - rho))
     level = intercept + slope * float(t_h[-1])
     return Trend(level=level, slope=slope, slope_lo=slope - half, slope_hi=slope + half, n=n, scale=sigma)
 
