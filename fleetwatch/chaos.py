@@ -65,7 +65,7 @@ class Plan:
     kills: int = 2  # per victim
     publish_s: float = 150.0  # wall seconds the fleet's messages are spread over
     period_s: float = 600.0
-    degrading: int = 1
+    degrading: int = 2
     retention_s: float = 30.0
     invalid: int = 8
     start: str = ""  # ISO-8601 UTC start of the simulated clock (fixed, so restarts regenerate the same stream)
@@ -75,7 +75,7 @@ class Plan:
     @classmethod
     def reduced(cls, seed: int = 7) -> Plan:
         """The CI-sized run: every victim killed once, about a minute of publishing."""
-        return cls(seed=seed, tractors=4, days=8.0, kills=1, publish_s=75.0, invalid=6)
+        return cls(seed=seed, tractors=4, days=10.0, kills=1, publish_s=75.0, invalid=6, degrading=2)
 
     def with_start(self) -> Plan:
         """This plan with its simulated start fixed so the run ends about now."""

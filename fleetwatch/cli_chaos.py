@@ -18,7 +18,7 @@ chaos_app = typer.Typer()
 def chaos(
     seed: Annotated[int, typer.Option(help="chooses the fleet, the invalid inputs and the kill moments")] = 7,
     tractors: Annotated[int | None, typer.Option(min=2, help="fleet size (default 8; 4 with --reduced)")] = None,
-    days: Annotated[float | None, typer.Option(min=6, help="simulated days (default 12; 8 with --reduced)")] = None,
+    days: Annotated[float | None, typer.Option(min=6, help="simulated days (default 12; 10 with --reduced)")] = None,
     kills: Annotated[int | None, typer.Option(min=0, help="kill -9 of each process, this many times each "
                                                           "(default 2; 1 with --reduced)")] = None,
     publish_s: Annotated[float | None, typer.Option(min=20, help="wall seconds the messages are spread over")]
