@@ -80,6 +80,22 @@ def _supervise(workers: int) -> None:
                 p.kill()
 
 
+def retire_extra_workers(s: Settings, workers: int) -> None:
+    """Drain and delete the sessions of worker indexes a previous, larger ``--workers`` left behind."""
+    from dataclasses import replace
+
+    from ingest.bridge import Bridge
+
+    state = s.run_dir / "ingest" / f"workers-{shared_group(s)}.json"
+    previous = json.loads(state.read_text()).get("workers", workers) if state.exists() else workers
+    for index in range(workers, previous):
+        err.print(f"draining the session of bridge worker {index} (scaled from {previous} to {workers} workers)")
+        if not Bridge(replace(bridge_config(s, index), metrics_port=None)).retire():
+            fail(f"bridge worker {index}'s session could not be drained; still {previous} workers' sessions")
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text(json.dumps({"workers": workers}))
+
+
 @ingest_app.command("run")
 def ingest_run(
     workers: Annotated[int, typer.Option(min=1, max=64, help="bridge processes sharing the subscription")] = 1,
@@ -91,13 +107,15 @@ def ingest_run(
 
     setup_logging()
     s = get_settings()
-    if worker_index is None and workers > 1:
-        _supervise(workers)
-        return
     try:
+        if worker_index is None:
+            retire_extra_workers(s, workers)
         config = bridge_config(s, worker_index or 0)
     except CredentialsError as exc:
         fail(str(exc))
+    if worker_index is None and workers > 1:
+        _supervise(workers)
+        return
     Bridge(config).run()
 
 

@@ -162,6 +162,8 @@ class Bridge:
         self.tracker = AckTracker()
         self._stop = threading.Event()
         self._closing = False
+        self._retiring = False
+        self._last_message = time.monotonic()
         self._kafka_failed = threading.Event()
         self._serving_metrics = False
         self.subscribed = threading.Event()
@@ -193,7 +195,13 @@ class Bridge:
             log.error("MQTT connect refused: %s", reason)
             return
         self.tracker.reset()
-        client.subscribe(self.config.subscription, qos=1)
+        if self._retiring:  # leave the shared group: no new messages, only what the session already holds
+            client.unsubscribe(self.config.subscription)
+            self._last_message = time.monotonic()
+            self.metrics.connected.set(1)
+            self.subscribed.set()
+        else:
+            client.subscribe(self.config.subscription, qos=1)
         log.info("bridge %s connected (session present: %s)", self.config.client_id, flags.session_present)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int, reasons: list[Any],
@@ -219,6 +227,7 @@ class Bridge:
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         if self._closing:
             return  # not acknowledged: the broker redelivers it to this session (or the group) later
+        self._last_message = time.monotonic()
         received_at = datetime.now(UTC)
         payload = msg.payload
         try:
@@ -341,6 +350,49 @@ class Bridge:
             return
         log.info("reconnecting to MQTT after a Kafka failure")
         self.start()
+
+    def retire(self, idle_s: float = 3.0, timeout_s: float = 900.0) -> bool:
+        """Drain the session of a worker that no longer runs, then delete it; True when it ended cleanly.
+
+        Mosquitto keeps giving a shared group's messages to offline members' sessions, so a worker index that
+        is scaled away would otherwise sit on its share until the session expires. Retiring leaves the group,
+        forwards what the session still holds (same no-loss rules) and ends the session once idle.
+        """
+        self._retiring = True
+        self.start()
+        deadline = time.monotonic() + timeout_s
+        backoff = 1.0
+        try:
+            while time.monotonic() < deadline and not self._stop.is_set():
+                self._stop.wait(0.2)
+                if self._kafka_failed.is_set():
+                    self._recover(backoff)
+                    backoff = min(backoff * 2, 15.0)
+                    continue
+                quiet = time.monotonic() - self._last_message > idle_s
+                if self.subscribed.is_set() and quiet and len(self.tracker) == 0:
+                    break
+            else:
+                return False
+            if self.sink is not None:
+                self.sink.flush(10)
+            time.sleep(0.2)
+            if len(self.tracker):
+                return False
+            props = Properties(PacketTypes.DISCONNECT)
+            props.SessionExpiryInterval = 0  # the session ends with this connection
+            self._closing = True
+            self.client.disconnect(properties=props)
+            self.client.loop_stop()
+            log.info("retired %s: its session is drained and deleted", self.config.client_id)
+            return True
+        finally:
+            self._closing = True
+            if self.client.is_connected():
+                self.client.disconnect()
+                self.client.loop_stop()
+            if self.sink is not None:
+                self.sink.close(5)
 
     def stop(self) -> None:
         """Ask a running bridge to finish."""

@@ -81,7 +81,11 @@ def read_topic(s: Settings, topic: str) -> list[bytes]:
     """Every record value currently in a topic (all partitions)."""
     consumer = KafkaConsumer(bootstrap_servers=s.bootstrap, enable_auto_commit=False)
     try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        deadline = time.monotonic() + 15
+        while not (parts := consumer.partitions_for_topic(topic)) and time.monotonic() < deadline:
+            time.sleep(0.2)  # metadata of a just-created topic may lag
+        tps = [TopicPartition(topic, p) for p in sorted(parts or ())]
+        assert tps, f"topic {topic} has no partitions"
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
         ends = consumer.end_offsets(tps)
@@ -385,3 +389,24 @@ def test_two_workers_split_the_load_with_nothing_lost_or_doubled(ingest: Setting
         assert sum(forwarded) == len(published) and min(forwarded) > len(published) / 4, forwarded
     finally:
         workers.stop()
+
+
+def test_scaling_down_drains_the_retired_workers_share(ingest: Settings) -> None:
+    Bridge(ingest, workers=2).stop()  # two sessions in the shared group, both offline now
+    pub = simulator(ingest, "scale-down")
+    now = datetime.now(UTC)
+    offline = {(f"D{t:05d}", seq) for t in range(20) for seq in range(1, 11)}
+    for tid, seq in sorted(offline):
+        pub.send(f"tractors/{tid}/telemetry", good(tid, seq, now))  # Mosquitto splits them over both sessions
+    pub.wait()
+    one = Bridge(ingest, workers=1)  # drains worker 1's session before worker 0 starts, then deletes it
+    try:
+        later = {(f"D{t:05d}", seq) for t in range(20) for seq in range(11, 16)}
+        for tid, seq in sorted(later):
+            pub.send(f"tractors/{tid}/telemetry", good(tid, seq, now))
+        pub.close()
+        found = wait_for_keys(ingest, offline | later, timeout=60)
+        # nothing stranded in the retired session, and no later message was dealt to it
+        assert (offline | later) - set(found) == set()
+    finally:
+        one.stop()
