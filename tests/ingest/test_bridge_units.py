@@ -103,6 +103,7 @@ def test_device_passwords_are_hashed_mosquitto_style(tmp_path: Path) -> None:
     assert [(d.username, d.active) for d in reg.list()] == [("T00042", False)]
 
 
+@pytest.mark.services  # needs Debian's mosquitto package (mosquitto_passwd), like the service tests
 def test_hash_matches_what_mosquitto_passwd_writes(tmp_path: Path) -> None:
     passwd = tmp_path / "p"
     passwd.touch()
