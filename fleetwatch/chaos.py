@@ -770,6 +770,18 @@ def reconcile(s: Settings, plan: Plan, exp: Expected, folder: Path, settle_timeo
     return checks, figures
 
 
+def leaked_secrets(s: Settings, extra: list[Path]) -> list[str]:
+    """Log files of the run folder (and ``extra`` folders) that contain a service password."""
+    creds = s.run_dir / "mosquitto" / "service-credentials.json"
+    secrets = [e["password"] for e in json.loads(creds.read_text()).values()] if creds.exists() else []
+    found = []
+    for folder in [s.run_dir / "logs", *extra]:
+        for path in folder.rglob("*.log*") if folder.exists() else []:
+            text = path.read_bytes()
+            found += [f"{path.name}" for x in secrets if x.encode() in text]
+    return found
+
+
 def run_chaos(plan: Plan, base: Settings, port_offset: int = 300, keep: bool = False,
               say: Callable[[str], None] = print) -> ChaosResult:
     """Run the whole chaos experiment on its own stack and return the reconciliation."""
@@ -793,6 +805,8 @@ def run_chaos(plan: Plan, base: Settings, port_offset: int = 300, keep: bool = F
         not_running = {k: v for k, v in states.items() if v != "RUNNING"}
         result.checks.append(Check("programs running at the end", len(states), len(states) - len(not_running),
                                    not not_running, ", ".join(f"{k} {v}" for k, v in not_running.items())))
+        leaks = leaked_secrets(harness.s, [harness.folder])
+        result.checks.append(Check("passwords found in logs", 0, len(leaks), not leaks, ", ".join(leaks[:3])))
         result.figures["device_unplanned_restarts"] = harness.device_restarts
         result.figures["wall_s"] = round(time.monotonic() - started, 1)
         (harness.folder / "result.json").write_text(json.dumps(result.to_json(), indent=1, default=str))
