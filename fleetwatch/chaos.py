@@ -910,7 +910,9 @@ def run_soak(base: Settings, duration: float, tractors: int, rate: float, port_o
             "duration_s": duration, "rate": rate, "tractors": tractors, "published": len(published),
             "stored_in_kafka": stored, "lost": max(len(published) - stored, 0),
             "processes": {name: {"start_mib": v[0][1], "end_mib": v[-1][1], "max_mib": max(x for _, x in v),
-                                 "slope_mib_h": slope_mib_per_h(v), "samples": v}
+                                 "slope_mib_h": slope_mib_per_h(v),
+                                 "rise_2nd_half_mib": slope_mib_per_h(v) * (v[-1][0] - v[len(v) // 2][0]) / 3600,
+                                 "samples": v}
                           for name, v in sorted(samples.items()) if v},
         }
         (harness.folder / "soak.json").write_text(json.dumps(report, indent=1))
