@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -78,6 +78,12 @@ def run_simulation(s: Settings, scenario: str, tractors: int | None, days: float
                                      degrading=degrading, start=start, catalog=catalog)
     except ScenarioError as exc:
         fail(str(exc))
+    # paced at most real time, timestamps stay behind the wall clock if the run starts by now; faster runs must
+    # end by now
+    last = fleet.start if 0 < speed <= 1 else fleet.start + timedelta(days=days_)
+    if out is None and last > datetime.now(UTC) + timedelta(minutes=5):
+        fail(f"the run would publish timestamps up to {last:%Y-%m-%d %H:%M} UTC, in the future: the ingest bridge "
+             "rejects them; pick an earlier --start, use --speed 1 (real time) or --out to write a file")
     sink: Sink
     try:
         if out is not None:

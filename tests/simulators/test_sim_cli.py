@@ -75,3 +75,9 @@ def test_replay_writes_mapped_messages_and_refuses_a_bad_mapping(tmp_path: Path)
     result = runner.invoke(app, ["replay", str(tmp_path / "missing.csv"), "--map", str(good), "--out", str(out)])
     assert result.exit_code == 2
     assert "cannot read" in result.output
+
+
+def test_simulate_refuses_a_run_that_would_publish_future_timestamps() -> None:
+    result = runner.invoke(app, ["simulate", "--scenario", "healthy", "--start", "2099-01-01T00:00:00Z"])
+    assert result.exit_code == 2
+    assert "in the future" in " ".join(result.output.split())
