@@ -169,11 +169,15 @@ def trends_replay(
     batch: Annotated[int, typer.Option(min=1, help="telemetry messages per handler batch")] = 2000,
     partitions: Annotated[int, typer.Option(min=1)] = 4,
     truth: Annotated[Path | None, typer.Option(help="write ground truth JSON here")] = None,
+    memory: Annotated[bool, typer.Option(help="no database: detector state in memory, one order per alert episode")]
+    = False,
 ) -> None:
     """Feed a simulated fleet straight into trends-detect and ordering-place in-process (no brokers).
 
     The database is real (FLEETWATCH_DATABASE_URL): trend tables, part health and orders land exactly as with
     the stack, so ``fleetwatch evaluate`` works afterwards. MQTT, the bridge and Kafka are skipped.
+    ``--memory`` skips the database too (the fastest way to score detection on a large fleet): an order is the
+    first alert of each (tractor, part) episode, which is what ordering-place does with a fresh order table.
     """
     from fleetwatch.db import CATALOG, load_catalog, upgrade
     from functions.config import load_functions
@@ -190,6 +194,9 @@ def trends_replay(
         fleet, run_days, period = build(load(scenario), tractors=tractors, days=days, seed=seed, catalog=catalog)
     except ScenarioError as exc:
         fail(str(exc))
+    if memory:
+        _replay_in_memory(fleet, run_days, period, batch, partitions, catalog, s, truth, scenario)
+        return
     upgrade(s.db_url)
     params = load_functions(s.functions_path)["trends-detect"].params
     engine = make_engine(s.db_url)
@@ -234,3 +241,57 @@ def trends_replay(
               f"(handlers {stats['compute_s']:.0f}s), {stats['alerts']} alerts")
     report = score(ground, _orders_for_evaluation(s.db_url), _lead_times(catalog))
     print_report(report, f"detection quality vs ground truth ({scenario}, in-process replay)")
+
+
+def _replay_in_memory(fleet: Any, run_days: float, period: float, batch: int, partitions: int,
+                     catalog: list[dict[str, Any]], s: Any, truth: Path | None, scenario: str) -> None:
+    """The replay with detector state in memory and orders = first alert per (tractor, part) episode."""
+    from functions.config import load_functions
+    from trends.detect import Detector, Params, Part, flatten
+    from trends.evaluate import Order, parse_ts
+    from trends.evaluate import evaluate as score
+
+    class Row:
+        def __init__(self, d: dict[str, Any]) -> None:
+            self.__dict__.update(d)
+            self.extra = {k: v for k, v in d.items() if k not in Part.__dataclass_fields__}
+
+    params = Params.from_context(load_functions(s.functions_path)["trends-detect"].params)
+    detector = Detector([Part.from_row(Row(r)) for r in catalog], params)
+    states: dict[str, Any] = {}
+    parts_state: dict[str, Any] = {}
+    first: dict[tuple[str, str], dict[str, Any]] = {}
+    pending: list[tuple[str, bytes]] = []
+    count = {"messages": 0, "readings": 0.0, "compute_s": 0.0}
+
+    def flush() -> None:
+        if not pending:
+            return
+        records = [{"topic": "telemetry", "partition": zlib.crc32(t.encode()) % partitions, "json": json.loads(p)}
+                   for t, p in pending]
+        count["messages"] += len(pending)
+        pending.clear()
+        started = time.perf_counter()
+        out = detector.process(flatten(records), states, parts_state, states.get)
+        count["compute_s"] += time.perf_counter() - started
+        count["readings"] += out.counters.get("readings", 0.0)
+        for a in out.alerts:
+            first.setdefault((a["tractor_id"], a["part_id"]), a)
+
+    began = time.perf_counter()
+    with console.status("replaying in memory") as status:
+        for frac, msgs in fleet.run(run_days, period):
+            pending.extend(msgs)
+            if len(pending) >= batch:
+                flush()
+                status.update(f"replaying {scenario} in memory: {100 * frac:.1f} % · {count['messages']} messages")
+        flush()
+    ground = fleet.truth()
+    if truth:
+        truth.write_text(json.dumps(ground, indent=2))
+    err.print(f"replayed {count['messages']} messages ({count['readings']:.0f} readings) in "
+              f"{time.perf_counter() - began:.0f}s; detector {count['compute_s']:.0f}s "
+              f"({count['readings'] / max(count['compute_s'], 1e-9):,.0f} readings/s)")
+    orders = [Order(t, p, ts) for (t, p), a in first.items() if (ts := parse_ts(a["detected_at"])) is not None]
+    report = score(ground, orders, _lead_times(catalog))
+    print_report(report, f"detection quality vs ground truth ({scenario}, in-process replay, state in memory)")
