@@ -59,6 +59,11 @@ bench-bridge: install
 bench-runtime: install
 	$(BIN)/python -m bench.bench_runtime
 
+## bench-trends: trend detection readings/s (compute path, full function on Kafka) vs a naive per-record loop
+.PHONY: bench-trends
+bench-trends: install
+	$(BIN)/python -m bench.bench_trends
+
 ## chaos: kill -9 each process in turn during a fleet run, then reconcile; exit 1 if anything was lost or doubled
 chaos: install
 	$(BIN)/fleetwatch chaos --seed $(or $(SEED),7) --kills $(or $(KILLS),2)
