@@ -88,6 +88,12 @@ def retire_extra_workers(s: Settings, workers: int) -> None:
 
     state = s.run_dir / "ingest" / f"workers-{shared_group(s)}.json"
     previous = json.loads(state.read_text()).get("workers", workers) if state.exists() else workers
+    if not state.exists() and not s.topic_prefix:
+        # A run folder from before shared subscriptions has one plain persistent session that still queues
+        # every message: forward what it holds, then delete it.
+        legacy = replace(bridge_config(s, 0), client_id=f"{s.mqtt_client_prefix}-bridge", shared_group=None,
+                         metrics_port=None)
+        Bridge(legacy).retire(idle_s=1.0)
     for index in range(workers, previous):
         err.print(f"draining the session of bridge worker {index} (scaled from {previous} to {workers} workers)")
         if not Bridge(replace(bridge_config(s, index), metrics_port=None)).retire():

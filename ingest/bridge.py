@@ -221,7 +221,7 @@ class Bridge:
         self.metrics.connected.set(0)
         dropped = self.tracker.reset()
         self.metrics.in_flight.set(0)
-        if not self._stop.is_set():
+        if not (self._stop.is_set() or self._closing):
             log.warning("MQTT disconnected (%s); %d unacknowledged messages will be redelivered", reason, dropped)
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
