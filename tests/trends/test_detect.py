@@ -151,3 +151,30 @@ def test_state_survives_a_json_round_trip() -> None:
     states = json.loads(json.dumps(states))  # what the trend_state table stores
     out = det.process(flatten(recs[400:]), states)
     assert out.windows and all(isinstance(json.dumps(s), str) for s in states.values())
+
+
+def test_an_installed_replacement_resets_the_parts_episode_and_baseline(tmp_path: Any) -> None:
+    from sqlalchemy import text
+
+    from fleetwatch.db import upgrade
+    from functions.db import make_engine, make_sessions
+    from trends.detect import apply_replacements
+
+    def level(i: int, t: float) -> float:
+        return 320.0 - 170.0 * max(0.0, (t - 5) / 30)
+
+    states, _, alerts, _ = run(fleet_records(30, tractors=1, level=level))
+    assert alerts and states["T00001"]["episodes"]["OIL-PUMP"]
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    with make_sessions(engine)() as session:
+        session.execute(text("INSERT INTO part_replacements (tractor_id, part_id, installed_at) "
+                             "VALUES ('T00001', 'OIL-PUMP', '2026-04-01 10:00:00')"))
+        det = Detector([OIL_PUMP], Params())
+        assert apply_replacements(session, det, states) == 1
+        assert apply_replacements(session, det, states) == 0  # applied once only
+    engine.dispose()
+    st = states["T00001"]
+    assert "OIL-PUMP" not in st["episodes"]
+    assert st["sig"]["oil_pressure_kpa"]["base"] is None and st["sig"]["oil_pressure_kpa"]["days"] == []
