@@ -75,7 +75,7 @@ class Plan:
     @classmethod
     def reduced(cls, seed: int = 7) -> Plan:
         """The CI-sized run: every victim killed once, about a minute of publishing."""
-        return cls(seed=seed, tractors=4, days=10.0, kills=1, publish_s=75.0, invalid=6, degrading=2)
+        return cls(seed=seed, tractors=4, days=10.0, kills=1, publish_s=60.0, invalid=6, degrading=2)
 
     def with_start(self) -> Plan:
         """This plan with its simulated start fixed so the run ends about now."""
