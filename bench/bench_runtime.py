@@ -7,7 +7,8 @@ All cases read the same pre-filled topic (4 partitions, telemetry-sized JSON val
   event (records grouped by topic-partition, base64 key/value, decoded JSON), offsets committed to Kafka after
   every batch, an invocation log row per batch;
 - **runtime, 1 worker, exactly-once** — the same with offsets stored in PostgreSQL in the handler's transaction;
-- **runtime, 2 workers** — ``fleetwatch functions run bench-noop --workers 2`` (two processes, one group).
+- **runtime, 2 workers** — ``fleetwatch functions run NAME --workers 2`` (two processes, one group), rate over
+  the time both were invoking (from their invocation log rows).
 
 Rates are records over the time from the first record received to the last one processed; the bare loop and
 the 1-worker runtime run in interleaved rounds (median reported) because the machine is shared. The ratio is
@@ -36,7 +37,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from sqlalchemy import func, select
 
-from bench.common import bench_stack, console, fleet_messages, report
+from bench.common import bench_settings, bench_stack, console, fleet_messages, report
 from fleetwatch.db import upgrade
 from fleetwatch.settings import Settings
 from functions import store
@@ -49,25 +50,22 @@ BATCH = 500
 TARGET_RATIO = 1.2
 
 
-def fill_topic(s: Settings, topic: str, records: int) -> int:
-    """Create a 4-partition topic and write ``records`` telemetry messages; returns the value size in bytes."""
-    admin = KafkaAdminClient(bootstrap_servers=s.bootstrap)
-    try:
-        admin.create_topics([NewTopic(topic, 4, 1)])
-    finally:
-        admin.close()
+def fill_topic(s: Settings, topic: str, records: int, create: bool = True) -> int:
+    """Write ``records`` telemetry messages (creating a 4-partition topic); returns the value size in bytes."""
+    if create:
+        admin = KafkaAdminClient(bootstrap_servers=s.bootstrap)
+        try:
+            admin.create_topics([NewTopic(topic, 4, 1)])
+        finally:
+            admin.close()
     producer = KafkaProducer(bootstrap_servers=s.bootstrap, acks=1, linger_ms=20, batch_size=256 * 1024)
-    size = 0
-    tractors = 100
-    for key, value in fleet_messages(tractors, records // tractors + 1):
+    sample = list(fleet_messages(100, 20))  # 2,000 distinct payloads, reused: the handler does not look
+    for i in range(records):
+        key, value = sample[i % len(sample)]
         producer.send(topic, value, key=key.encode())
-        size = len(value)
-        records -= 1
-        if records == 0:
-            break
     producer.flush()
     producer.close()
-    return size
+    return len(sample[0][1])
 
 
 def bare_loop(s: Settings, topic: str, records: int) -> float:
@@ -116,7 +114,7 @@ def runtime_one(s: Settings, topic: str, records: int, db_url: str | None) -> fl
 
 
 def runtime_pool(s: Settings, topic: str, records: int, workers: int, db_url: str) -> float:
-    """Records/s of ``fleetwatch functions run --workers N`` (processes), from its invocation log rows."""
+    """Records/s of ``fleetwatch functions run --workers N`` (processes) while all N invoke, from their log rows."""
     name = f"bench-pool-{uuid.uuid4().hex[:6]}"
     spec = (f'[[function]]\nname = "{name}"\nhandler = "functions.examples:noop"\nsource_topics = ["{topic}"]\n'
             f"batch_size = {BATCH}\nmaximum_batching_window_s = 0.0\ntransactional = false\n")
@@ -137,15 +135,40 @@ def runtime_pool(s: Settings, topic: str, records: int, workers: int, db_url: st
                 done = conn.execute(select(func.coalesce(func.sum(inv.c.batch_size), 0))
                                     .where(inv.c.function == name, inv.c.outcome == "ok")).scalar_one()
         with engine.connect() as conn:
-            rows = list(conn.execute(select(inv.c.started_at, inv.c.duration_ms)
+            rows = list(conn.execute(select(inv.c.started_at, inv.c.duration_ms, inv.c.batch_size, inv.c.worker)
                                      .where(inv.c.function == name, inv.c.outcome == "ok")))
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
         engine.dispose()
-    start = min(r.started_at for r in rows).timestamp()
-    end = max(r.started_at.timestamp() + r.duration_ms / 1000 for r in rows)
-    return done / (end - start)
+    # Steady state: while every worker was invoking (the first one starts alone, then the group rebalances).
+    spans: dict[str, tuple[float, float]] = {}
+    for r in rows:
+        t0, t1 = r.started_at.timestamp(), r.started_at.timestamp() + r.duration_ms / 1000
+        lo, hi = spans.get(r.worker, (t0, t1))
+        spans[r.worker] = (min(lo, t0), max(hi, t1))
+    start, end = max(lo for lo, _ in spans.values()), min(hi for _, hi in spans.values())
+    inside = sum(r.batch_size for r in rows if start <= r.started_at.timestamp() <= end)
+    if len(spans) < workers or end - start < 1.0:
+        raise RuntimeError(f"only {len(spans)} of {workers} workers overlapped ({end - start:.1f} s)")
+    return inside / (end - start)
+
+
+def isolated(case: str, topic: str, records: int, db_url: str | None = None) -> float:
+    """Run one case in a fresh process (one Kafka client per process, like a real worker); retry once."""
+    cmd = [sys.executable, "-m", "bench.bench_runtime", "--case", case, "--topic", topic, "--records", str(records)]
+    if db_url:
+        cmd += ["--db-url", db_url]
+    for attempt in (1, 2):
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=os.environ.copy())
+        except subprocess.TimeoutExpired:
+            console.print(f"[yellow]{case}: no result within 240 s (attempt {attempt})[/yellow]")
+            continue
+        if out.returncode == 0:
+            return float(out.stdout.strip().splitlines()[-1])
+        console.print(f"[yellow]{case} failed (attempt {attempt}): {out.stderr[-500:]}[/yellow]")
+    raise RuntimeError(f"case {case} failed twice")
 
 
 def main() -> None:
@@ -153,7 +176,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of bare loop and 1 worker")
+    parser.add_argument("--case", choices=["bare", "one"], help=argparse.SUPPRESS)
+    parser.add_argument("--topic", help=argparse.SUPPRESS)
+    parser.add_argument("--db-url", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.case:  # a child process running one case on the already running bench stack
+        s = bench_settings()
+        rate = (bare_loop(s, args.topic, args.records) if args.case == "bare"
+                else runtime_one(s, args.topic, args.records, args.db_url))
+        print(rate)
+        return
     with bench_stack(["kafka", "postgres"]) as s:
         db_url = s.pg_url
         upgrade(db_url)
@@ -164,14 +196,16 @@ def main() -> None:
         rounds: dict[str, list[float]] = {"bare loop": [], "runtime, 1 worker": []}
         for i in range(args.rounds):  # interleaved, so load from other processes hits both alike
             with console.status(f"round {i + 1}/{args.rounds}: bare kafka-python loop"):
-                rounds["bare loop"].append(bare_loop(s, topic, args.records))
+                rounds["bare loop"].append(isolated("bare", topic, args.records))
             with console.status(f"round {i + 1}/{args.rounds}: runtime, 1 worker"):
-                rounds["runtime, 1 worker"].append(runtime_one(s, topic, args.records, None))
+                rounds["runtime, 1 worker"].append(isolated("one", topic, args.records))
         cases = {name: statistics.median(rates) for name, rates in rounds.items()}
         with console.status("runtime, 1 worker, exactly-once (PostgreSQL offsets)"):
-            cases["runtime, 1 worker, offsets in PostgreSQL"] = runtime_one(s, topic, args.records, db_url)
+            cases["runtime, 1 worker, offsets in PostgreSQL"] = isolated("one", topic, args.records, db_url)
         with console.status("runtime, 2 worker processes"):
-            cases["runtime, 2 workers (processes)"] = runtime_pool(s, topic, args.records, 2, db_url)
+            # A longer backlog, so both members work together long after the second one joined.
+            fill_topic(s, topic, 2 * args.records, create=False)
+            cases["runtime, 2 workers (processes)"] = runtime_pool(s, topic, 3 * args.records, 2, db_url)
     bare = cases["bare loop"]
     rows = [[name, rate, bare / rate] for name, rate in cases.items()]
     ratio = bare / cases["runtime, 1 worker"]

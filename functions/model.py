@@ -44,6 +44,7 @@ class Record:
 
 
 _LAZY_FIELDS = ("key", "value", "headers", "json")
+_dict_init = dict.__init__
 
 
 class EventRecord(dict):  # type: ignore[type-arg]
@@ -56,8 +57,8 @@ class EventRecord(dict):  # type: ignore[type-arg]
     __slots__ = ("_record",)
 
     def __init__(self, r: Record) -> None:
-        super().__init__(topic=r.topic, partition=r.partition, offset=r.offset, timestamp=r.timestamp,
-                         timestampType="CREATE_TIME")
+        _dict_init(self, topic=r.topic, partition=r.partition, offset=r.offset, timestamp=r.timestamp,
+                   timestampType="CREATE_TIME")
         self._record = r
 
     def _fill(self, name: str) -> Any:
@@ -153,8 +154,13 @@ def build_event(records: Sequence[Record], source: str = "fleetwatch:kafka",
                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Group records by ``topic-partition`` the way Lambda's Kafka event does."""
     grouped: dict[str, list[dict[str, Any]]] = {}
-    for r in records:
-        grouped.setdefault(f"{r.topic}-{r.partition}", []).append(event_record(r))
+    last: tuple[str, int] | None = None
+    bucket: list[dict[str, Any]] = []
+    for r in records:  # usually sorted by partition: one lookup per run of a partition
+        if (r.topic, r.partition) != last:
+            last = (r.topic, r.partition)
+            bucket = grouped.setdefault(f"{r.topic}-{r.partition}", [])
+        bucket.append(EventRecord(r))
     event: dict[str, Any] = {"eventSource": source, "records": grouped}
     if extra:
         event.update(extra)

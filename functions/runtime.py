@@ -237,10 +237,14 @@ class Invoker:
             return
         self.stats.records_in += len(records)
         self._todo, self._cursor, self._done = {}, {}, set()
+        last: TP | None = None
+        offsets: list[int] = []
         for r in records:
-            self._todo.setdefault((r.topic, r.partition), []).append(r.offset)
-        for tp in self._todo:
-            self._cursor[tp] = 0
+            if (r.topic, r.partition) != last:
+                last = (r.topic, r.partition)
+                offsets = self._todo.setdefault(last, [])
+                self._cursor[last] = 0
+            offsets.append(r.offset)
         try:
             accepted = self._apply_filter(records)
             if self.fn.tumbling_window_s > 0:
