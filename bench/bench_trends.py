@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import time
 import uuid
@@ -177,6 +178,7 @@ def main() -> None:
     rows.append([f"compute path (flatten + Detector.process, batch {args.batch})", readings, vec, vec / base])
     rows.append(["naive per-record Python (baseline)", readings, base, 1.0])
     extra: dict[str, Any] = {"tractors": args.tractors, "days": args.days, "records": len(records),
+                             "load_average_1m": os.getloadavg()[0],
                              "readings": readings, "compute_readings_per_s": vec, "naive_readings_per_s": base,
                              "ratio_vs_naive": vec / base, "target_readings_per_s": TARGET}
     if not args.no_kafka:
