@@ -844,16 +844,28 @@ def _program_pids(stack: Any) -> dict[str, int]:  # noqa: ANN401 (fleetwatch.sta
     return pids
 
 
+def _pss_kib(pid: int) -> int:
+    """Proportional set size (shared pages split between their users), or VmRSS where the kernel lacks it."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
 def tree_rss_mib(pid: int) -> float:
-    """Resident memory of a process and its descendants, in MiB (0 when it is gone)."""
+    """Memory of a process and its descendants in MiB (PSS, so PostgreSQL's shared buffers count once)."""
     total = 0
     todo = [pid]
     while todo:
         p = todo.pop()
         try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
+            total += _pss_kib(p)
             children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
         except OSError:
             continue

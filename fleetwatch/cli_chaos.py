@@ -96,7 +96,7 @@ def soak(
     except (ChaosError, StackError) as exc:
         fail(str(exc), code=1)
         return
-    table = Table("process", "RSS start MiB", "RSS end MiB", "max MiB", "slope 2nd half MiB/h", "rise 2nd half MiB", "",
+    table = Table("process", "PSS start MiB", "PSS end MiB", "max MiB", "slope 2nd half MiB/h", "rise 2nd half MiB", "",
                   title=f"Soak: {duration:.0f} s at {rate:g} msg/s ({report['published']} messages)")
     ok = True
     for name, r in report["processes"].items():
