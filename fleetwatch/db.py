@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from alembic import command
 from alembic.config import Config
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import Engine, MetaData, insert, select, update
 
 from functions import store
@@ -42,26 +43,45 @@ def upgrade(url: str) -> None:
         engine.dispose()
 
 
-REQUIRED = ("part_id", "name", "signal", "direction", "nominal", "warning_threshold", "failure_threshold",
-            "lead_time_h", "price_eur")
+class CatalogPart(BaseModel):
+    """One catalog part; keys beyond these (e.g. ``normalise_by``) are kept for the trend detector."""
+
+    model_config = ConfigDict(extra="allow")
+
+    part_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(min_length=1, max_length=200)
+    signal: str = Field(min_length=1, max_length=64)
+    direction: Literal["falling", "rising"]
+    nominal: float
+    warning_threshold: float
+    failure_threshold: float
+    lead_time_h: float = Field(ge=0)
+    price_eur: float = Field(ge=0)
 
 
 def load_catalog(path: Path) -> list[dict[str, Any]]:
-    """Parts from a catalog TOML file, validated."""
+    """Parts from a catalog TOML file, validated; raises CatalogError naming the problem."""
     try:
         doc = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise CatalogError(f"{path}: {exc}") from exc
     parts = doc.get("part")
     if not isinstance(parts, list) or not parts:
         raise CatalogError(f"{path}: expected [[part]] tables")
-    for i, p in enumerate(parts):
-        missing = [k for k in REQUIRED if k not in p]
-        if missing:
-            raise CatalogError(f"{path}: part #{i + 1} misses {', '.join(missing)}")
-        if p["direction"] not in ("falling", "rising"):
-            raise CatalogError(f"{path}: part {p['part_id']}: direction must be falling or rising")
-    return parts
+    checked: list[dict[str, Any]] = []
+    for i, raw in enumerate(parts):
+        if not isinstance(raw, dict):
+            raise CatalogError(f"{path}: part #{i + 1} is not a table")
+        try:
+            part = CatalogPart.model_validate(raw)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'part'}: {e['msg']}" for e in exc.errors())
+            raise CatalogError(f"{path}: part #{i + 1}: {problems}") from exc
+        checked.append(part.model_dump())
+    ids = [p["part_id"] for p in checked]
+    if len(set(ids)) != len(ids):
+        raise CatalogError(f"{path}: part_id values must be unique")
+    return checked
 
 
 def seed_catalog(engine: Engine, parts: list[dict[str, Any]]) -> None:

@@ -152,9 +152,6 @@ def test_a_function_config_path_that_is_a_folder_is_a_config_error(tmp_path: Pat
 
 
 # ------------------------------------------------------------------ parts catalog
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="known bug (reported): fleetwatch.db.load_catalog raises TypeError for a [[part]] that is "
-                          "not a table (e.g. part = [true])")
 @FUZZ
 @given(doc=damaged(tomllib.loads(CATALOG.read_text())))
 def test_catalog_gives_catalog_error_or_a_catalog_the_simulator_can_use(doc: dict[str, Any],
