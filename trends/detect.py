@@ -792,9 +792,10 @@ def _save(session: Session, states: dict[str, dict[str, Any]], existing: set[str
     fresh = [{"tractor_id": k, "state": st, "updated_at": now} for k, st in states.items() if k not in existing]
     if fresh:
         session.execute(insert(trend_state), fresh)
-    for k, st in states.items():
-        if k in existing:
-            session.execute(update(trend_state).where(trend_state.c.tractor_id == k).values(state=st, updated_at=now))
+    changed = [{"key": k, "state": st, "updated_at": now} for k, st in states.items() if k in existing]
+    if changed:  # one executemany, not a round trip per tractor
+        session.execute(update(trend_state).where(trend_state.c.tractor_id == bindparam("key"))
+                        .values(state=bindparam("state"), updated_at=bindparam("updated_at")), changed)
 
 
 def _upsert_health(session: Session, rows: list[dict[str, Any]]) -> None:
