@@ -49,7 +49,7 @@ def catalog_parts() -> list[Part]:
     class Row:
         def __init__(self, d: dict[str, Any]) -> None:
             self.__dict__.update(d)
-            self.extra = {k: v for k, v in d.items() if k not in Part.__dataclass_fields__}
+            self.extra = dict(d)  # Part.from_row reads the detector keys from extra, as from parts.extra
 
     return [Part.from_row(Row(r)) for r in load_catalog(CATALOG)]
 

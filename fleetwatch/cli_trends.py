@@ -254,7 +254,7 @@ def _replay_in_memory(fleet: Any, run_days: float, period: float, batch: int, pa
     class Row:
         def __init__(self, d: dict[str, Any]) -> None:
             self.__dict__.update(d)
-            self.extra = {k: v for k, v in d.items() if k not in Part.__dataclass_fields__}
+            self.extra = dict(d)  # Part.from_row reads the detector keys from extra, as from parts.extra
 
     params = Params.from_context(load_functions(s.functions_path)["trends-detect"].params)
     detector = Detector([Part.from_row(Row(r)) for r in catalog], params)
