@@ -83,6 +83,8 @@ def load_functions(path: Path) -> dict[str, FunctionConfig]:
         doc = tomllib.loads(path.read_text())
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: no such file") from exc
+    except OSError as exc:  # a folder, no permission, ...
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     entries = doc.get("function")

@@ -144,8 +144,6 @@ def test_a_missing_function_config_is_a_config_error(tmp_path: Path) -> None:
         load_functions(tmp_path / "missing.toml")
 
 
-@pytest.mark.xfail(strict=True, raises=IsADirectoryError,
-                   reason="known bug (reported to the functions owner): load_functions lets OSError escape")
 def test_a_function_config_path_that_is_a_folder_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         load_functions(tmp_path)
