@@ -33,11 +33,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
-from kafka.admin import NewTopic
+from kafka import KafkaConsumer, KafkaProducer
 from sqlalchemy import func, select
 
-from bench.common import bench_settings, bench_stack, console, fleet_messages, report
+from bench.common import bench_settings, bench_stack, console, create_topic, fleet_messages, report
 from fleetwatch.db import upgrade
 from fleetwatch.settings import Settings
 from functions import store
@@ -53,11 +52,7 @@ TARGET_RATIO = 1.2
 def fill_topic(s: Settings, topic: str, records: int, create: bool = True) -> int:
     """Write ``records`` telemetry messages (creating a 4-partition topic); returns the value size in bytes."""
     if create:
-        admin = KafkaAdminClient(bootstrap_servers=s.bootstrap)
-        try:
-            admin.create_topics([NewTopic(topic, 4, 1)])
-        finally:
-            admin.close()
+        create_topic(s, topic)
     producer = KafkaProducer(bootstrap_servers=s.bootstrap, acks=1, linger_ms=20, batch_size=256 * 1024)
     sample = list(fleet_messages(100, 20))  # 2,000 distinct payloads, reused: the handler does not look
     for i in range(records):

@@ -25,7 +25,7 @@ import zlib
 from datetime import datetime
 from typing import Any
 
-from bench.common import bench_stack, console, report
+from bench.common import bench_stack, console, create_topic, report
 from fleetwatch.db import CATALOG, load_catalog
 from simulators.scenario import build, load
 from trends.detect import Detector, Params, Part, flatten
@@ -109,8 +109,7 @@ def naive(records: list[dict[str, Any]], history: int = 24) -> float:
 
 def full_function(records: list[dict[str, Any]], batch: int) -> tuple[float, int]:
     """Readings/s of trends.detect:handler in a KafkaWorker (PostgreSQL, exactly-once) over a filled topic."""
-    from kafka import KafkaAdminClient, KafkaProducer
-    from kafka.admin import NewTopic
+    from kafka import KafkaProducer
 
     from fleetwatch.db import upgrade
     from functions.config import FunctionConfig, load_functions
@@ -122,11 +121,7 @@ def full_function(records: list[dict[str, Any]], batch: int) -> tuple[float, int
     with bench_stack(["kafka", "postgres"]) as s:
         upgrade(s.pg_url)
         topic = f"bench-trends-{uuid.uuid4().hex[:6]}"
-        admin = KafkaAdminClient(bootstrap_servers=s.bootstrap)
-        try:
-            admin.create_topics([NewTopic(topic, 4, 1)])
-        finally:
-            admin.close()
+        create_topic(s, topic)
         producer = KafkaProducer(bootstrap_servers=s.bootstrap, acks=1, linger_ms=20, batch_size=256 * 1024)
         for r in records:
             msg = r["json"]

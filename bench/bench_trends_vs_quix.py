@@ -11,10 +11,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-from kafka import KafkaAdminClient, KafkaProducer
-from kafka.admin import NewTopic
+from kafka import KafkaProducer
 
-from bench.common import Stopwatch, bench_stack, fleet_messages, report
+from bench.common import Stopwatch, bench_stack, create_topic, fleet_messages, report
 from fleetwatch.db import upgrade
 from fleetwatch.pipeline import end_offsets
 from fleetwatch.settings import Settings
@@ -30,9 +29,7 @@ PARAMS = {"window_s": 10, "lateness_s": 2, "history": 48, "min_windows": 3}
 
 def _fill(s: Settings, topic: str, tractors: int, seconds: int) -> int:
     """Create ``topic`` and produce a fleet's telemetry into it as fast as Kafka takes it."""
-    admin = KafkaAdminClient(bootstrap_servers=s.bootstrap)
-    admin.create_topics([NewTopic(topic, s.kafka_partitions, 1)])
-    admin.close()
+    create_topic(s, topic, s.kafka_partitions)
     producer = KafkaProducer(bootstrap_servers=s.bootstrap, acks="all", linger_ms=5, batch_size=256 * 1024)
     sent = 0
     for key, value in fleet_messages(tractors, seconds):
@@ -109,9 +106,7 @@ def main(tractors: int = 1000, seconds: int = 60, live_rate: float = 2000.0, liv
         live_rows = {}
         for name, runner in (("ours", run_ours), ("quix", run_quix)):
             topic = f"bench-live-{name}-{tag}"
-            admin = KafkaAdminClient(bootstrap_servers=s.bootstrap)
-            admin.create_topics([NewTopic(topic, s.kafka_partitions, 1)])
-            admin.close()
+            create_topic(s, topic, s.kafka_partitions)
             result: dict[str, Any] = {}
             consumer = threading.Thread(target=lambda r=runner, t=topic, out=result: out.update(
                 r(s, t, int(live_rate * live_seconds))))

@@ -75,6 +75,18 @@ def fleet_messages(tractors: int, seconds: int, start: datetime | None = None, s
             yield tid, json.dumps(doc, separators=(",", ":")).encode()
 
 
+def create_topic(s: Settings, topic: str, partitions: int = 4) -> None:
+    """Create a benchmark topic (replication 1) on the bench Kafka."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+
+    admin = KafkaAdminClient(bootstrap_servers=s.bootstrap)
+    try:
+        admin.create_topics([NewTopic(topic, partitions, 1)])
+    finally:
+        admin.close()
+
+
 def report(name: str, title: str, columns: list[str], rows: list[list[Any]], extra: dict[str, Any]) -> Path:
     """Print a table and write ``bench/results/<name>.json`` with the rows and context."""
     table = Table(*columns, title=title)
