@@ -115,7 +115,7 @@ class Params:
     history_days: int = 14  # days the slope and forecast are fitted over
     recent_days: int = 5  # a second, short fit over the last days catches accelerating wear
     min_days: int = 6  # days needed before a slope counts
-    confirm: int = 3  # consecutive window-trend fits that must show a held step before it alerts
+    confirm: int = 2  # consecutive window-trend fits that must show a held step before it alerts
     confirm_days: int = 3  # consecutive day-trend fits that must forecast failure before it alerts
     halflife_windows: float = 240.0  # memory of the operating-condition regression
     refit_windows: int = 4  # re-solve the regression and re-fit the window trend every so many windows
