@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated
 
 import typer
@@ -125,23 +126,33 @@ def demo(
     with console.status("waiting for trends and orders") as st:
         wait_drained(s, published, baseline, timeout=900, report=lambda m: st.update(m))
     rows = orders_rows(s)
-    table = Table("tractor", "part", "injected wear (ground truth)", "would fail at", "order", "wear detected at",
-                  "forecast to failure", title="Orders vs ground truth")
+    table = Table("tractor", "part", "wear (truth)", "fails at", "order", "detected at", "lead",
+                  title="Orders vs ground truth (event time, UTC)")
     wear = {(w["tractor_id"], w["part_id"]): w for w in truth["wear"]}  # type: ignore[index]
     keys = sorted(set(wear) | {(r["tractor_id"], r["part_id"]) for r in rows})
     by_key = {(r["tractor_id"], r["part_id"]): r for r in rows}
     for key in keys:
         w, o = wear.get(key), by_key.get(key)
-        table.add_row(key[0], key[1], f"{w['kind']} from {w['onset'][:10]}" if w else "[red]none[/red]",
-                      w["failure_time"][:16] if w else "—", f"#{o['id']} {o['status']}" if o else "[red]missed[/red]",
-                      str(o["evidence"].get("first_detected_at", ""))[:16] if o else "—",
-                      f"{o['ttf_h'] / 24:.1f} d" if o and o["ttf_h"] is not None else "—")
+        detected = str((o["evidence"] or {}).get("first_detected_at") or "") if o else ""
+        lead = "—"
+        if w and detected:
+            days = (datetime.fromisoformat(w["failure_time"].replace("Z", "+00:00"))
+                    - datetime.fromisoformat(detected.replace("Z", "+00:00"))).total_seconds() / 86400
+            lead = f"{days:.1f} d before failure"
+        order = f"#{o['id']} {o['status']}" if o else "[red]missed[/red]"
+        table.add_row(key[0], key[1], w["kind"] if w else "[red]none[/red]",
+                      _short(w["failure_time"]) if w else "—", order, _short(detected) if detected else "—", lead)
     console.print(table)
     token = demo_token_path(s)
     hint = f"log in with token {token.read_text().strip()} (from {token})" if token.exists() else \
         "create a token: fleetwatch tokens create --role operator"
     console.print(f"Operator page: [bold]http://{s.api_host}:{s.api_port}/[/bold]  {hint}  "
                   "(stop everything: fleetwatch down)", soft_wrap=True)
+
+
+def _short(ts: str) -> str:
+    """``2026-11-27T13:00:00.000Z`` as ``11-27 13:00`` for narrow tables."""
+    return ts[5:16].replace("T", " ")
 
 
 def main() -> None:

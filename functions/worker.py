@@ -25,6 +25,9 @@ from functions.runtime import TP, DbCheckpointer, Fenced, Invoker, Stopped, Wind
 log = logging.getLogger("fleetwatch.functions")
 
 
+STALL_S = 30.0  # how long a consumer may stay outside its group before it is replaced
+
+
 class AsyncCommitter:
     """Commits offsets to Kafka asynchronously, one request in flight at a time (newer offsets wait and merge)."""
 
@@ -107,13 +110,9 @@ class KafkaWorker:
         self.unpositioned: set[TopicPartition] = set()  # assigned, paused, not yet positioned
         self.topics = [self.topic(t) for t in fn.source_topics]
         self.group = self.topic(fn.group)
-        self.consumer = KafkaConsumer(
-            bootstrap_servers=bootstrap, group_id=self.group, enable_auto_commit=False,
-            auto_offset_reset="latest" if fn.starting_position == "LATEST" else "earliest",
-            max_poll_records=fn.batch_size, max_poll_interval_ms=max(300_000, int(fn.timeout_s * 4000)),
-            fetch_max_wait_ms=100, session_timeout_ms=15_000, metadata_max_age_ms=15_000, heartbeat_interval_ms=3_000,
-            client_id=f"{self.group}-{self.worker_id}",
-        )
+        self.bootstrap = bootstrap
+        self.consumer = self._new_consumer()
+        self.unsettled_since: float | None = None
         self.producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5)
         self.committer = AsyncCommitter(self.consumer)
         checkpointer = DbCheckpointer(self.group) if self.sessions else KafkaCheckpointer(self.committer)
@@ -121,6 +120,47 @@ class KafkaWorker:
                                log_sessions=self.log_sessions, send=self._send_sync, topic=self.topic,
                                publish=self.relay, group=self.group, worker=self.worker_id,
                                should_stop=self.stop_event.is_set)
+
+    def _new_consumer(self) -> KafkaConsumer:
+        fn = self.fn
+        return KafkaConsumer(
+            bootstrap_servers=self.bootstrap, group_id=self.group, enable_auto_commit=False,
+            auto_offset_reset="latest" if fn.starting_position == "LATEST" else "earliest",
+            max_poll_records=fn.batch_size, max_poll_interval_ms=max(300_000, int(fn.timeout_s * 4000)),
+            fetch_max_wait_ms=100, session_timeout_ms=15_000, metadata_max_age_ms=15_000, heartbeat_interval_ms=3_000,
+            client_id=f"{self.group}-{self.worker_id}",
+        )
+
+    def _check_membership(self) -> None:
+        """Replace a consumer stuck outside its group: kafka-python 3.0 can stall for good after a rebalance.
+
+        A member that is merely idle (more workers than partitions) is STABLE and left alone; one that has not
+        been STABLE for twice the session timeout gets a fresh consumer. Offsets live in the database (or were
+        committed), so nothing is lost or read twice beyond the usual redelivery.
+        """
+        coordinator = getattr(self.consumer, "_coordinator", None)
+        state = getattr(getattr(coordinator, "state", None), "name", "STABLE")
+        now = time.monotonic()
+        if state == "STABLE":
+            self.unsettled_since = None
+            return
+        if self.unsettled_since is None:
+            self.unsettled_since = now
+            return
+        if now - self.unsettled_since < STALL_S:
+            return
+        log.warning("%s[%s]: consumer not back in group %s after %.0fs (state %s); replacing it",
+                    self.fn.name, self.worker_id, self.group, now - self.unsettled_since, state)
+        self.unsettled_since = None
+        try:
+            self.consumer.close(autocommit=False)
+        except Exception as exc:  # noqa: BLE001 - the old client is being discarded anyway
+            log.warning("%s: closing the stuck consumer failed: %s", self.fn.name, exc)
+        self.consumer = self._new_consumer()
+        self.committer.consumer = self.consumer
+        self.unpositioned.clear()
+        self.generation += 1
+        self.consumer.subscribe(self.topics, listener=_Rebalance(self))
 
     def topic(self, name: str) -> str:
         """Physical topic (or group) name for a logical one."""
@@ -245,6 +285,7 @@ class KafkaWorker:
         while not self.stop_event.is_set() and not (until and until()):
             try:
                 batch = self._poll_batch()
+                self._check_membership()
                 if batch:
                     self.invoker.process(batch)
                 busy = {(r.topic, r.partition) for r in batch}
