@@ -457,8 +457,26 @@ class Harness:
     # ------------------------------------------------------------------ faults
     def _target(self, victim: str, rng: np.random.Generator) -> str:
         if victim == "kafka" and self.s.kafka_brokers > 1:
-            return f"kafka-{int(rng.integers(1, self.s.kafka_brokers + 1))}"
+            leader = self._telemetry_leader()
+            return f"kafka-{leader or int(rng.integers(1, self.s.kafka_brokers + 1))}"
         return victim
+
+    def _telemetry_leader(self) -> int | None:
+        """Node id leading partition 0 of ``telemetry`` (the broker whose loss hurts most), if known."""
+        from kafka import KafkaAdminClient
+
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=self.s.bootstrap, request_timeout_ms=5000)
+        except Exception:  # noqa: BLE001 - no answer: fall back to a random broker
+            return None
+        try:
+            desc = admin.describe_topics([self.s.topic("telemetry")])[0]
+            leaders = [p["leader_id"] for p in desc["partitions"] if p["partition_index"] == 0]
+            return int(leaders[0]) if leaders and leaders[0] >= 0 else None
+        except Exception:  # noqa: BLE001
+            return None
+        finally:
+            admin.close()
 
     def kill(self, victim: str, target: str) -> str:
         """kill -9 one process; returns a note."""
