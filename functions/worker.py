@@ -134,14 +134,17 @@ class KafkaWorker:
     def _check_membership(self) -> None:
         """Replace a consumer stuck outside its group: kafka-python 3.0 can stall for good after a rebalance.
 
-        A member that is merely idle (more workers than partitions) is STABLE and left alone; one that has not
-        been STABLE for twice the session timeout gets a fresh consumer. Offsets live in the database (or were
-        committed), so nothing is lost or read twice beyond the usual redelivery.
+        A member that is merely idle (more workers than partitions) is settled and left alone; one that has not
+        been settled (STABLE, no rejoin pending, coordinator known) for STALL_S gets a fresh consumer. Offsets
+        live in the database (or were committed), so nothing is lost or read twice beyond the usual redelivery.
         """
         coordinator = getattr(self.consumer, "_coordinator", None)
         state = getattr(getattr(coordinator, "state", None), "name", "STABLE")
+        # Seen stuck here: state still STABLE, but the coordinator marked dead and a rejoin pending forever.
+        settled = (state == "STABLE" and not getattr(coordinator, "rejoin_needed", False)
+                   and getattr(coordinator, "coordinator_id", 0) is not None)
         now = time.monotonic()
-        if state == "STABLE":
+        if settled:
             self.unsettled_since = None
             return
         if self.unsettled_since is None:

@@ -21,8 +21,8 @@ class State(Enum):
 class FakeConsumer:
     """Just enough of KafkaConsumer for the membership check."""
 
-    def __init__(self, state: State) -> None:
-        self._coordinator = SimpleNamespace(state=state)
+    def __init__(self, state: State, rejoin_needed: bool = False, coordinator_id: int | None = 1) -> None:
+        self._coordinator = SimpleNamespace(state=state, rejoin_needed=rejoin_needed, coordinator_id=coordinator_id)
         self.closed = False
         self.subscribed: list[str] = []
 
@@ -33,7 +33,7 @@ class FakeConsumer:
         self.subscribed = topics
 
 
-def _worker(state: State, monkeypatch: pytest.MonkeyPatch) -> tuple[KafkaWorker, list[FakeConsumer]]:
+def _worker(state: State, monkeypatch: pytest.MonkeyPatch, **stuck: Any) -> tuple[KafkaWorker, list[FakeConsumer]]:
     made: list[FakeConsumer] = []
 
     def new_consumer(self: KafkaWorker) -> FakeConsumer:
@@ -45,7 +45,7 @@ def _worker(state: State, monkeypatch: pytest.MonkeyPatch) -> tuple[KafkaWorker,
     w.fn = SimpleNamespace(name="fn")
     w.worker_id, w.group, w.topics = "t:1", "g", ["telemetry"]
     w.stop_event, w.generation, w.unpositioned, w.unsettled_since = threading.Event(), 0, set(), None
-    w.consumer = FakeConsumer(state)
+    w.consumer = FakeConsumer(state, **stuck)
     w.committer = AsyncCommitter(w.consumer)  # type: ignore[arg-type]
     return w, made
 
@@ -73,3 +73,16 @@ def test_an_idle_but_stable_member_is_left_alone(monkeypatch: pytest.MonkeyPatch
         w._check_membership()
         clock[0] += worker_mod.STALL_S
     assert not made and not w.consumer.closed
+
+
+@pytest.mark.parametrize("stuck", [{"rejoin_needed": True}, {"coordinator_id": None}])
+def test_a_stable_looking_consumer_that_never_rejoins_is_replaced(stuck: dict[str, Any],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    w, made = _worker(State.STABLE, monkeypatch, **stuck)
+    clock = [0.0]
+    monkeypatch.setattr(worker_mod.time, "monotonic", lambda: clock[0])
+    old = w.consumer
+    w._check_membership()
+    clock[0] += worker_mod.STALL_S + 1
+    w._check_membership()
+    assert old.closed and w.consumer is made[0]
