@@ -291,7 +291,8 @@ class Stack:
         """True when this run folder's supervisord answers."""
         if not self.conf.exists():
             return False
-        return self._ctl("pid").returncode == 0 and self._ctl("pid").stdout.strip().isdigit()
+        out = self._ctl("pid")
+        return out.returncode == 0 and out.stdout.strip().isdigit()
 
     def _configured(self) -> set[str]:
         if not self.conf.exists():
