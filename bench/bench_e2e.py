@@ -18,6 +18,7 @@ import psutil
 from sqlalchemy import func, select, text
 
 from bench.common import NOMINAL_12, SIGNALS_12, Stopwatch, bench_settings, console, report
+from bench.profile import Profiler
 from fleetwatch.db import upgrade
 from fleetwatch.pipeline import Progress, end_offsets, ensure_topics
 from fleetwatch.settings import Settings
@@ -120,8 +121,8 @@ def _pids(stack: Stack, names: list[str]) -> dict[str, int]:
     return pids
 
 
-def run_fleet(tractors: int, seconds: int, pg_url: str) -> dict[str, Any]:
-    """One fleet size: publish in real time, sample lag/CPU/RSS, then reconcile and measure latency."""
+def run_fleet(tractors: int, seconds: int, pg_url: str, profile: bool = True) -> dict[str, Any]:
+    """One fleet size: publish in real time, sample lag/CPU/RSS and profiles, then reconcile and measure latency."""
     s = Settings()
     stack = Stack(s)
     upgrade(pg_url)
@@ -158,6 +159,13 @@ def run_fleet(tractors: int, seconds: int, pg_url: str) -> dict[str, Any]:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     pub = Publisher(s, tractors)
+    # Where the time goes: py-spy over the middle third of the publishing, once the pipeline is warm.
+    profilers: list[Profiler] = []
+    worker_pids = {n: p.pid for n, p in procs.items() if n in WORKERS}
+    timer = threading.Timer(seconds / 3, lambda: profilers.append(
+        Profiler(worker_pids, max(5, seconds // 3), f"e2e{tractors}").start()))
+    if profile:
+        timer.start()
     clock = Stopwatch()
     pub.run(seconds)
     pub.close()
@@ -172,6 +180,8 @@ def run_fleet(tractors: int, seconds: int, pg_url: str) -> dict[str, Any]:
     time.sleep(3)
     stop.set()
     sampler.join()
+    timer.cancel()
+    profiles = profilers[0].result() if profilers else {}
     cpu = {n: p.cpu_percent(None) for n, p in procs.items() if p.is_running()}
     stored = sum(end_offsets(s, s.topic("telemetry")).values()) - base
     with engine.connect() as conn:
@@ -203,6 +213,7 @@ def run_fleet(tractors: int, seconds: int, pg_url: str) -> dict[str, Any]:
         "latency_order_s": order_lat, "orders": len(placed),
         "max_lag": max((lag for _, lag in lag_series), default=0),
         "lag_series": lag_series, "cpu_percent": cpu, "peak_rss_mb": {k: v / 2**20 for k, v in rss.items()},
+        "profiles": profiles,
     }
 
 
@@ -238,12 +249,35 @@ def main() -> None:
     finally:
         stack.down()
     rows = [[r["tractors"], r["messages_per_s"], r["readings_per_s"], r["publisher_max_behind_s"],
-             r["latency_trend_p50_s"], r["latency_trend_p99_s"], r["latency_trend_max_s"], r["max_lag"],
-             _reconciled(r), r["orders"]] for r in results]
+             r["latency_trend_p50_s"], r["latency_trend_p99_s"], r["latency_trend_max_s"],
+             _pct(r["latency_order_s"], 50), _pct(r["latency_order_s"], 99), r["max_lag"], _reconciled(r),
+             r["orders"]] for r in results]
     report("e2e", "End to end on the real stack (publish → trend row latency; target 10,000 tractors, p99 < 2 s)",
-           ["tractors", "msg/s", "readings/s", "publisher behind s", "p50 s", "p99 s", "max s", "max lag",
-            "published → stored", "orders"], rows, {"results": results, "params": PARAMS})
+           ["tractors", "msg/s", "readings/s", "publisher behind s", "trend p50 s", "trend p99 s", "trend max s",
+            "order p50 s", "order p99 s", "max lag", "published → stored", "orders"], rows,
+           {"results": results, "params": PARAMS, "where_the_time_goes": where_time_goes(results)})
 
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def where_time_goes(results: list[dict[str, Any]]) -> list[list[Any]]:
+    """Per fleet and process: CPU %, peak RSS and the functions py-spy saw most (self time)."""
+    rows = []
+    for r in results:
+        for name in sorted(r["cpu_percent"]):
+            prof = r.get("profiles", {}).get(name, {})
+            top = "; ".join(f"{fn} {pct}%" for fn, pct in prof.get("self_pct", [])[:3]) or prof.get("error", "—")
+            rows.append([r["tractors"], name, r["cpu_percent"][name], r["peak_rss_mb"].get(name, 0.0), top])
+    from rich.table import Table
+
+    table = Table("tractors", "process", "CPU %", "peak RSS MiB", "top self time (py-spy)",
+                  title="Where the time goes (CPU % of one core over the run; 200 % = both cores)")
+    for row in rows:
+        table.add_row(*[f"{v:,.1f}" if isinstance(v, float) else str(v) for v in row])
+    console.print(table)
+    return rows
 
 if __name__ == "__main__":
     main()
