@@ -176,7 +176,8 @@ def run_fleet(tractors: int, seconds: int, pg_url: str, profile: bool = True) ->
         stored = sum(end_offsets(s, s.topic("telemetry")).values()) - base
         if stored >= pub.sent and progress.lag("trends-detect") == 0:
             break
-        time.sleep(1)
+        time.sleep(0.5)
+    drained_s = clock.seconds()  # publishing started → the trend function had consumed everything
     time.sleep(3)
     stop.set()
     sampler.join()
@@ -206,7 +207,9 @@ def run_fleet(tractors: int, seconds: int, pg_url: str, profile: bool = True) ->
         "tractors": tractors, "seconds": seconds, "published": pub.sent, "publish_wall_s": publish_s,
         "publisher_max_behind_s": pub.behind_s, "stored_in_kafka": stored,
         "lost": max(pub.sent - stored, 0), "messages_per_s": pub.sent / publish_s,
-        "readings_per_s": pub.sent * 12 / publish_s, "trend_rows": n_windows, "readings_in_closed_windows": counted,
+        "readings_per_s": pub.sent * 12 / publish_s, "drained_s": drained_s,
+        "pipeline_readings_per_s": pub.sent * 12 / drained_s, "trend_rows": n_windows,
+        "readings_in_closed_windows": counted,
         "latency_trend_p50_s": float(np.nanpercentile(lat, 50)),
         "latency_trend_p99_s": float(np.nanpercentile(lat, 99)),
         "latency_trend_max_s": float(np.nanmax(lat)),
@@ -248,14 +251,38 @@ def main() -> None:
             results.append(run_fleet(n, args.seconds, os.environ["FLEETWATCH_DATABASE_URL"]))
     finally:
         stack.down()
-    rows = [[r["tractors"], r["messages_per_s"], r["readings_per_s"], r["publisher_max_behind_s"],
+    rows = [[r["tractors"], r["messages_per_s"], r["readings_per_s"], r["pipeline_readings_per_s"],
+             r["publisher_max_behind_s"],
              r["latency_trend_p50_s"], r["latency_trend_p99_s"], r["latency_trend_max_s"],
              _pct(r["latency_order_s"], 50), _pct(r["latency_order_s"], 99), r["max_lag"], _reconciled(r),
              r["orders"]] for r in results]
     report("e2e", "End to end on the real stack (publish → trend row latency; target 10,000 tractors, p99 < 2 s)",
-           ["tractors", "msg/s", "readings/s", "publisher behind s", "trend p50 s", "trend p99 s", "trend max s",
+           ["tractors", "published msg/s", "published readings/s", "through trends readings/s",
+            "publisher behind s", "trend p50 s", "trend p99 s", "trend max s",
             "order p50 s", "order p99 s", "max lag", "published → stored", "orders"], rows,
-           {"results": results, "params": PARAMS, "where_the_time_goes": where_time_goes(results)})
+           {"results": results, "params": PARAMS, "where_the_time_goes": where_time_goes(results),
+            "targets": targets(results)})
+
+
+def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's end-to-end targets against the largest fleet run: throughput, p99 latency, loss."""
+    if not results:
+        return []
+    r = max(results, key=lambda x: x["tractors"])
+    offered = r["tractors"] * 12
+    return [
+        {"target": "10,000 tractors × 1 Hz × 12 readings = 120,000 readings/s sustained",
+         "measured": f"{r['tractors']:,} tractors: {r['pipeline_readings_per_s']:,.0f} readings/s through the trend "
+                     f"function ({100 * r['pipeline_readings_per_s'] / 120_000:.0f} % of target; offered {offered:,}, "
+                     f"published {r['readings_per_s']:,.0f})",
+         "met": r["tractors"] >= 10_000 and r["pipeline_readings_per_s"] >= 0.98 * 120_000},
+        {"target": "p99 publish → trend row < 2 s",
+         "measured": f"{r['latency_trend_p99_s']:.1f} s at {r['tractors']:,} tractors",
+         "met": r["latency_trend_p99_s"] < 2.0},
+        {"target": "zero loss (published = stored)",
+         "measured": f"{r['published']:,} published, {r['stored_in_kafka']:,} stored",
+         "met": r["lost"] == 0},
+    ]
 
 
 def _pct(values: list[float], q: float) -> float:

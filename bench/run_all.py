@@ -65,11 +65,30 @@ def plots() -> list[str]:
     return ["![throughput](throughput.png)", "", "![latency](latency.png)", ""]
 
 
+def _targets(docs: list[dict]) -> list[str]:
+    """One table of every benchmark's targets (the ``targets`` list in its JSON): met, or missed by how much."""
+    rows = [(d.get("benchmark", "?"), t) for d in docs for t in d.get("targets", [])]
+    if not rows:
+        return []
+    lines = ["## Targets", "", "| benchmark | target | measured | met |", "|---|---|---|---|"]
+    for name, t in rows:
+        lines.append(f"| {name} | {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |")
+    return [*lines, "", "Where a target is missed, the benchmark's own table and its profile say where the time goes.",
+            ""]
+
+
 def summary() -> Path:
-    """Markdown summary of every result file."""
-    lines = ["# Benchmark summary", ""]
-    for path in sorted(RESULTS.glob("*.json")):
-        lines += _table(json.loads(path.read_text()))
+    """Markdown summary of every result file: the targets first, then each benchmark's table."""
+    docs = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("*.json"))]
+    lines = ["# Benchmark summary", "", *_targets(docs), "## Results", ""]
+    for doc in docs:
+        lines += _table(doc)
+        if doc.get("where_the_time_goes"):
+            lines += ["Where the time goes:", "", "| tractors | process | CPU % | peak RSS MiB | top self time |",
+                      "|---|---|---|---|---|"]
+            lines += ["| " + " | ".join(f"{v:,.1f}" if isinstance(v, float) else str(v) for v in row) + " |"
+                      for row in doc["where_the_time_goes"]]
+            lines.append("")
     lines += plots()
     out = RESULTS / "SUMMARY.md"
     out.write_text("\n".join(lines))
