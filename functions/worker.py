@@ -107,7 +107,7 @@ class KafkaWorker:
         self.producer = Producer({
             "bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True, "linger.ms": 5,
             "partitioner": "murmur2_random",  # the Java client's (and kafka-python's) partition for a key
-            "client.id": f"{self.group}-{self.worker_id}", "error_cb": self._kafka_error,
+            "client.id": f"{self.group}-{self.worker_id}", "error_cb": self._kafka_error, "log_level": 3,
         }, logger=kafka_log)
         self.committer = KafkaCommitter(self.consumer)
         checkpointer = DbCheckpointer(self.group) if self.sessions else KafkaCheckpointer(self.committer)
@@ -129,6 +129,7 @@ class KafkaWorker:
             "max.poll.interval.ms": max(300_000, int(fn.timeout_s * 4000)),
             "fetch.wait.max.ms": 100, "topic.metadata.refresh.interval.ms": 15_000,
             "on_commit": _committed, "error_cb": self._kafka_error,
+            "log_level": 3,  # errors only: connection trouble is reported (rate-limited) through error_cb
         }
 
     def _kafka_error(self, err: KafkaError) -> None:
