@@ -202,6 +202,7 @@ class Invoker:
         self.send = send
         self.topic = topic
         self.publish = publish or (lambda: None)
+        self.unpublished = True  # outbox rows may be waiting (at start: maybe left by an earlier worker)
         self.sleep = sleep
         self.clock = clock
         self.group = group or fn.group
@@ -255,7 +256,13 @@ class Invoker:
                 self._run(accepted)
             self._commit_leftovers()
         finally:
+            self.publish_pending()
+
+    def publish_pending(self) -> None:
+        """Relay the outbox when this worker committed rows to it (or an earlier relay did not finish)."""
+        if self.unpublished:
             self.publish()
+            self.unpublished = False
 
     def tick(self, idle: set[TP] | None = None) -> None:
         """Close tumbling windows whose end has passed on partitions that are caught up (``idle``; None: all).
@@ -267,9 +274,12 @@ class Invoker:
             return
         now_ms = int(self.clock() * 1000)
         width = self.fn.tumbling_window_s * 1000
-        for tp, (start, _) in sorted(self.windows.items()):
-            if start + width <= now_ms and (idle is None or tp in idle):
-                self._finalize(tp)
+        try:
+            for tp, (start, _) in sorted(self.windows.items()):
+                if start + width <= now_ms and (idle is None or tp in idle):
+                    self._finalize(tp)
+        finally:
+            self.publish_pending()
 
     # -------------------------------------------------------------- batch shaping
     def _apply_filter(self, records: Sequence[Record]) -> list[Record]:
@@ -398,6 +408,8 @@ class Invoker:
             self._commit(session, records, windows)
             if session is None:
                 self._log_separately(ctx, started_at, started, len(records), outcome, None, records)
+            elif ctx.emitted:
+                self.unpublished = True
             return _Outcome(ok=True)
         finally:
             ctx.logger.removeHandler(ctx.captured)
@@ -498,6 +510,8 @@ class Invoker:
             self._commit(session, records, {})
             if session is None:
                 self._log_event_separately(condition, len(records), failed=len(records), detail=detail)
+            else:
+                self.unpublished = True
         finally:
             if session is not None:
                 session.close()

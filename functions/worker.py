@@ -33,6 +33,7 @@ log = logging.getLogger("fleetwatch.functions")
 kafka_log = logging.getLogger("fleetwatch.functions.kafka")
 
 IDLE_POLL_S = 0.2  # longest a consume() call blocks, so a stop request is seen quickly
+IDLE_RELAY_S = 5.0  # how often an idle worker looks for outbox rows it did not write itself
 SEND_TIMEOUT_S = 60.0
 
 
@@ -116,6 +117,7 @@ class KafkaWorker:
                                publish=self.relay, group=self.group, worker=self.worker_id,
                                should_stop=self.stop_event.is_set)
         self._errors_logged: dict[str, float] = {}
+        self._idle_relay = time.monotonic()
 
     def _consumer_config(self) -> dict[str, Any]:
         fn = self.fn
@@ -386,6 +388,13 @@ class KafkaWorker:
                     self.invoker.process(batch)
                 else:
                     self.invoker.flush_logs()
+                    if time.monotonic() - self._idle_relay >= IDLE_RELAY_S:  # rows a departed member left
+                        self._idle_relay = time.monotonic()
+                        self.invoker.unpublished = True
+                        try:
+                            self.invoker.publish_pending()
+                        except KafkaException as exc:  # the rows stay in the outbox; tried again later
+                            log.warning("%s: outbox relay failed: %s", self.fn.name, exc)
                 if self.fn.tumbling_window_s > 0:
                     self.invoker.tick(self.assigned - {(r.topic, r.partition) for r in batch})
                 if not batch:
