@@ -24,6 +24,11 @@ def noop(event: dict[str, Any], context: Context) -> None:
     """Do nothing (measures the runtime's own cost)."""
 
 
+def noop_from(event: dict[str, Any], context: Context) -> None:
+    """Do nothing, but not before ``params.start_at`` (epoch s): lets every member of a pool join first (benchmarks)."""
+    time.sleep(max(0.0, float(context.params.get("start_at", 0)) - time.time()))
+
+
 def store_rows(event: dict[str, Any], context: Context) -> dict[str, Any] | None:
     """Insert one row per record into ``params.table`` (topic, partition, offset, worker) in the batch's transaction.
 

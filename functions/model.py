@@ -7,9 +7,12 @@ import json
 import logging
 import time
 import uuid
-from collections import Counter
+from bisect import bisect_right
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import attrgetter
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -43,22 +46,41 @@ class Record:
         return self._decoded
 
 
-_LAZY_FIELDS = ("key", "value", "headers", "json")
-_dict_init = dict.__init__
+_TP_KEY = attrgetter("topic", "partition")
+_FIELDS = ("topic", "partition", "offset", "timestamp", "timestampType", "key", "value", "headers", "json")
+_new_dict = dict.__new__
+
+
+def partition_runs(records: Sequence[Record]) -> list[tuple[tuple[str, int], Sequence[Record]]]:
+    """Split records sorted by (topic, partition) into one slice per partition (binary search, not a scan)."""
+    if not records:
+        return []
+    first, last = records[0], records[-1]
+    if first.partition == last.partition and first.topic == last.topic:
+        return [((first.topic, first.partition), records)]
+    runs: list[tuple[tuple[str, int], Sequence[Record]]] = []
+    i, n = 0, len(records)
+    while i < n:
+        r = records[i]
+        tp = (r.topic, r.partition)
+        j = bisect_right(records, tp, i, n, key=_TP_KEY)
+        runs.append((tp, records[i:j]))
+        i = j
+    return runs
 
 
 class EventRecord(dict):  # type: ignore[type-arg]
     """A record in the shape of AWS Lambda's Kafka event, plus ``json``: the value decoded as JSON.
 
-    A plain dict to the handler; the base64 fields and the decoded value are computed on first access, so a
-    handler that never reads them does not pay for them (iteration, ``items()`` and ``json.dumps`` see all).
+    A plain dict to the handler; every field is computed on first access (the base64 ones and the decoded
+    value included), so building an event costs one small object per record and a handler pays only for
+    what it reads (iteration, ``items()``, ``==`` and ``json.dumps`` see all fields).
     """
 
     __slots__ = ("_record",)
 
     def __init__(self, r: Record) -> None:
-        _dict_init(self, topic=r.topic, partition=r.partition, offset=r.offset, timestamp=r.timestamp,
-                   timestampType="CREATE_TIME")
+        dict.__init__(self, topic=r.topic, partition=r.partition)
         self._record = r
 
     def _fill(self, name: str) -> Any:
@@ -69,18 +91,23 @@ class EventRecord(dict):  # type: ignore[type-arg]
             value = base64.b64encode(r.value).decode()
         elif name == "headers":
             value = [{k: list(v)} for k, v in r.headers]
-        else:
+        elif name == "json":
             value = r.json()
+        elif name == "timestampType":
+            value = "CREATE_TIME"
+        else:
+            value = getattr(r, name)
         dict.__setitem__(self, name, value)
         return value
 
     def _complete(self) -> None:
-        for name in _LAZY_FIELDS:
-            if not dict.__contains__(self, name):
-                self._fill(name)
+        if dict.__len__(self) < len(_FIELDS):
+            for name in _FIELDS:
+                if not dict.__contains__(self, name):
+                    self._fill(name)
 
     def __missing__(self, name: str) -> Any:
-        if name in _LAZY_FIELDS:
+        if name in _FIELDS:
             return self._fill(name)
         raise KeyError(name)
 
@@ -88,10 +115,10 @@ class EventRecord(dict):  # type: ignore[type-arg]
         """Like dict.get, computing lazy fields."""
         if dict.__contains__(self, name):
             return dict.__getitem__(self, name)
-        return self._fill(name) if name in _LAZY_FIELDS else default
+        return self._fill(name) if name in _FIELDS else default
 
     def __contains__(self, name: object) -> bool:
-        return dict.__contains__(self, name) or name in _LAZY_FIELDS
+        return dict.__contains__(self, name) or name in _FIELDS
 
     def __iter__(self):  # type: ignore[no-untyped-def]  # noqa: ANN204
         self._complete()
@@ -103,6 +130,8 @@ class EventRecord(dict):  # type: ignore[type-arg]
 
     def __eq__(self, other: object) -> bool:
         self._complete()
+        if isinstance(other, EventRecord):
+            other._complete()
         return dict.__eq__(self, other)
 
     __hash__ = None  # type: ignore[assignment]
@@ -132,9 +161,24 @@ class EventRecord(dict):  # type: ignore[type-arg]
         return dict(dict.items(self))
 
 
+_set_record = EventRecord._record.__set__  # type: ignore[attr-defined]
+_dict_set = dict.__setitem__
+
+
 def event_record(r: Record) -> dict[str, Any]:
     """A record in the shape of AWS Lambda's Kafka event, plus the decoded JSON value."""
     return EventRecord(r)
+
+
+def _event_records(run: Sequence[Record]) -> list[dict[str, Any]]:
+    """EventRecords for a run of one partition's records, created without a Python call per record."""
+    n = len(run)
+    made = list(map(_new_dict, repeat(EventRecord, n)))
+    deque(map(_set_record, made, run), maxlen=0)
+    if n:  # topic and partition up front: C code that sees an empty dict (json.dumps) would not ask for fields
+        deque(map(_dict_set, made, repeat("topic", n), repeat(run[0].topic, n)), maxlen=0)
+        deque(map(_dict_set, made, repeat("partition", n), repeat(run[0].partition, n)), maxlen=0)
+    return made
 
 
 def filter_document(r: Record) -> dict[str, Any]:
@@ -150,17 +194,22 @@ def filter_document(r: Record) -> dict[str, Any]:
     }
 
 
-def build_event(records: Sequence[Record], source: str = "fleetwatch:kafka",
-                extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Group records by ``topic-partition`` the way Lambda's Kafka event does."""
+def build_event(records: Sequence[Record], source: str = "fleetwatch:kafka", extra: dict[str, Any] | None = None,
+                runs: Sequence[tuple[tuple[str, int], Sequence[Record]]] | None = None) -> dict[str, Any]:
+    """Group records by ``topic-partition`` the way Lambda's Kafka event does.
+
+    ``runs`` (from ``partition_runs``, for records sorted by partition) saves the per-record grouping.
+    """
     grouped: dict[str, list[dict[str, Any]]] = {}
-    last: tuple[str, int] | None = None
-    bucket: list[dict[str, Any]] = []
-    for r in records:  # usually sorted by partition: one lookup per run of a partition
-        if (r.topic, r.partition) != last:
-            last = (r.topic, r.partition)
-            bucket = grouped.setdefault(f"{r.topic}-{r.partition}", [])
-        bucket.append(EventRecord(r))
+    if runs is not None:
+        for (topic, partition), run in runs:
+            grouped[f"{topic}-{partition}"] = _event_records(run)
+    else:
+        by_tp: dict[tuple[str, int], list[Record]] = {}
+        for r in records:
+            by_tp.setdefault((r.topic, r.partition), []).append(r)
+        for (topic, partition), recs in by_tp.items():
+            grouped[f"{topic}-{partition}"] = _event_records(recs)
     event: dict[str, Any] = {"eventSource": source, "records": grouped}
     if extra:
         event.update(extra)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Any, Protocol
 
 from sqlalchemy import insert
@@ -26,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from functions import store
 from functions.config import FunctionConfig
-from functions.model import Context, Handler, Metrics, Record, build_event, filter_document
+from functions.model import Context, Handler, Metrics, Record, build_event, filter_document, partition_runs
 from functions.store import Fenced
 
 log = logging.getLogger("fleetwatch.functions")
@@ -34,6 +35,8 @@ TP = tuple[str, int]
 Window = tuple[int, Any]  # (window start in ms, state)
 BACKOFF_BASE_S = 0.05
 BACKOFF_MAX_S = 5.0
+_OFFSET = attrgetter("offset")
+_TIMESTAMP = attrgetter("timestamp")
 
 __all__ = ["Checkpointer", "Fenced", "InvocationTimeout", "Invoker", "MemoryCheckpointer", "Stopped",
            "failure_document", "load_handler"]
@@ -164,6 +167,15 @@ class Stats:
     windows_closed: int = 0
 
 
+@dataclass(slots=True)
+class _Pending:
+    """One partition of the batch in hand: its offsets in order, how many are done in a row, and later ones done."""
+
+    offsets: list[int]
+    cursor: int = 0
+    done: set[int] = field(default_factory=set)
+
+
 @dataclass
 class _Outcome:
     ok: bool
@@ -190,6 +202,7 @@ class Invoker:
         self.send = send
         self.topic = topic
         self.publish = publish or (lambda: None)
+        self.unpublished = True  # outbox rows may be waiting (at start: maybe left by an earlier worker)
         self.sleep = sleep
         self.clock = clock
         self.group = group or fn.group
@@ -204,9 +217,7 @@ class Invoker:
         self.positions: dict[TP, int | None] = {}
         self.windows: dict[TP, Window] = {}
         self._closed: dict[TP, int] = {}  # start of the last window closed per partition
-        self._done: set[tuple[str, int, int]] = set()
-        self._todo: dict[TP, list[int]] = {}
-        self._cursor: dict[TP, int] = {}
+        self._parts: dict[TP, _Pending] = {}  # per partition of the batch in hand: what is done, what is not
         self._unlogged_filtered = 0
         self._log_buffer: list[dict[str, Any]] = []
         self._log_flushed = time.monotonic()
@@ -236,15 +247,7 @@ class Invoker:
         if not records:
             return
         self.stats.records_in += len(records)
-        self._todo, self._cursor, self._done = {}, {}, set()
-        last: TP | None = None
-        offsets: list[int] = []
-        for r in records:
-            if (r.topic, r.partition) != last:
-                last = (r.topic, r.partition)
-                offsets = self._todo.setdefault(last, [])
-                self._cursor[last] = 0
-            offsets.append(r.offset)
+        self._parts = {tp: _Pending(list(map(_OFFSET, run))) for tp, run in partition_runs(records)}
         try:
             accepted = self._apply_filter(records)
             if self.fn.tumbling_window_s > 0:
@@ -253,7 +256,13 @@ class Invoker:
                 self._run(accepted)
             self._commit_leftovers()
         finally:
+            self.publish_pending()
+
+    def publish_pending(self) -> None:
+        """Relay the outbox when this worker committed rows to it (or an earlier relay did not finish)."""
+        if self.unpublished:
             self.publish()
+            self.unpublished = False
 
     def tick(self, idle: set[TP] | None = None) -> None:
         """Close tumbling windows whose end has passed on partitions that are caught up (``idle``; None: all).
@@ -265,9 +274,12 @@ class Invoker:
             return
         now_ms = int(self.clock() * 1000)
         width = self.fn.tumbling_window_s * 1000
-        for tp, (start, _) in sorted(self.windows.items()):
-            if start + width <= now_ms and (idle is None or tp in idle):
-                self._finalize(tp)
+        try:
+            for tp, (start, _) in sorted(self.windows.items()):
+                if start + width <= now_ms and (idle is None or tp in idle):
+                    self._finalize(tp)
+        finally:
+            self.publish_pending()
 
     # -------------------------------------------------------------- batch shaping
     def _apply_filter(self, records: Sequence[Record]) -> list[Record]:
@@ -278,7 +290,7 @@ class Invoker:
             if self.filter.matches(filter_document(r)):
                 accepted.append(r)
             else:
-                self._done.add((r.topic, r.partition, r.offset))
+                self._parts[(r.topic, r.partition)].done.add(r.offset)
         dropped = len(records) - len(accepted)
         self.stats.filtered_records += dropped
         self._unlogged_filtered += dropped
@@ -351,7 +363,7 @@ class Invoker:
         try:
             try:
                 with _time_limit(self.fn.timeout_s):
-                    response = self.handler(build_event(records, extra=extra), ctx)
+                    response = self.handler(build_event(records, extra=extra, runs=partition_runs(records)), ctx)
                 if time.monotonic() - started > self.fn.timeout_s:
                     raise InvocationTimeout(f"invocation exceeded {self.fn.timeout_s:g}s")
                 if session is not None:
@@ -396,6 +408,8 @@ class Invoker:
             self._commit(session, records, windows)
             if session is None:
                 self._log_separately(ctx, started_at, started, len(records), outcome, None, records)
+            elif ctx.emitted:
+                self.unpublished = True
             return _Outcome(ok=True)
         finally:
             ctx.logger.removeHandler(ctx.captured)
@@ -412,7 +426,7 @@ class Invoker:
 
     def _commit(self, session: Session | None, records: Sequence[Record], windows: dict[TP, Window | None]) -> None:
         """Checkpoint ``records`` as done (plus window state), atomically with the session's writes."""
-        offsets = self._frontier([(r.topic, r.partition, r.offset) for r in records])
+        offsets, cursors, extra = self._frontier(records)
         expected = {tp: self.positions.get(tp) for tp in offsets}
         if not offsets and not windows and session is None:
             return
@@ -422,8 +436,10 @@ class Invoker:
             if session is not None:
                 session.rollback()
             raise
-        self._done.update((r.topic, r.partition, r.offset) for r in records)
-        self._advance_cursors()
+        for tp, done in extra.items():
+            self._parts[tp].done.update(done)
+        for tp, cursor in cursors.items():
+            self._parts[tp].cursor = cursor
         self.positions.update(offsets)
         for tp, window in windows.items():
             if window is None:
@@ -431,29 +447,37 @@ class Invoker:
             else:
                 self.windows[tp] = window
 
-    def _frontier(self, newly_done: Sequence[tuple[str, int, int]]) -> dict[TP, int]:
-        """Next offsets once ``newly_done`` are done: each partition moves past its contiguous done prefix."""
-        done, extra = self._done, set(newly_done)
-        offsets: dict[TP, int] = {}
-        for tp, todo in self._todo.items():
-            i = self._cursor[tp]
-            t, p = tp
-            while i < len(todo) and ((t, p, todo[i]) in extra or (t, p, todo[i]) in done):
-                i += 1
-            if i > self._cursor[tp]:
-                offsets[tp] = todo[i - 1] + 1
-        return offsets
+    def _frontier(self, records: Sequence[Record]) -> tuple[dict[TP, int], dict[TP, int], dict[TP, set[int]]]:
+        """Next offsets once ``records`` are done: each partition moves past its contiguous done prefix.
 
-    def _advance_cursors(self) -> None:
-        for tp, todo in self._todo.items():
-            i = self._cursor[tp]
-            while i < len(todo) and (tp[0], tp[1], todo[i]) in self._done:
-                i += 1
-            self._cursor[tp] = i
+        Also returns the new cursors and the offsets to remember as done out of order. The usual case, records
+        that are exactly the next ones of their partition, costs nothing per record.
+        """
+        extra: dict[TP, set[int]] = {}
+        cursors: dict[TP, int] = {}
+        for tp, run in partition_runs(records):
+            part = self._parts.get(tp)
+            if part is None:
+                continue
+            todo, c, k = part.offsets, part.cursor, len(run)
+            if c + k <= len(todo) and todo[c] == run[0].offset and todo[c + k - 1] == run[-1].offset:
+                cursors[tp] = c + k  # a sorted subset with these ends and this length is todo[c:c + k]
+            else:
+                extra[tp] = set(map(_OFFSET, run))
+        offsets: dict[TP, int] = {}
+        for tp, part in self._parts.items():
+            todo, start = part.offsets, part.cursor
+            c, new = cursors.get(tp, start), extra.get(tp, ())
+            while c < len(todo) and (todo[c] in part.done or todo[c] in new):
+                c += 1
+            if c > start:
+                cursors[tp] = c
+                offsets[tp] = todo[c - 1] + 1
+        return offsets, cursors, extra
 
     def _commit_leftovers(self) -> None:
         """Commit offsets of records that needed no invocation (filtered out at the end of a batch)."""
-        if not self._frontier([]) and not self._unlogged_filtered:
+        if not self._frontier([])[0] and not self._unlogged_filtered:
             return
         session = self.sessions() if self.sessions else None
         try:
@@ -486,6 +510,8 @@ class Invoker:
             self._commit(session, records, {})
             if session is None:
                 self._log_event_separately(condition, len(records), failed=len(records), detail=detail)
+            else:
+                self.unpublished = True
         finally:
             if session is not None:
                 session.close()
@@ -570,7 +596,7 @@ class Invoker:
     # -------------------------------------------------------------- invocation logs
     def _log_values(self, ctx: Context, started_at: datetime, started: float, size: int, outcome: str,
                     detail: str | None, records: Sequence[Record]) -> dict[str, Any]:
-        newest = max((r.timestamp for r in records), default=None)
+        newest = max(map(_TIMESTAMP, records)) if records else None
         filtered, self._unlogged_filtered = self._unlogged_filtered, 0
         return dict(
             function=self.fn.name, request_id=ctx.request_id, started_at=started_at,

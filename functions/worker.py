@@ -1,4 +1,4 @@
-"""A Kafka consumer-group member that feeds an Invoker and relays the function's outbox."""
+"""A Kafka consumer-group member (librdkafka) that feeds an Invoker and relays the function's outbox."""
 
 from __future__ import annotations
 
@@ -6,13 +6,20 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import CommitFailedError, KafkaError
-from kafka.structs import OffsetAndMetadata
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_INVALID,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -23,80 +30,65 @@ from functions.model import Handler, Record
 from functions.runtime import TP, DbCheckpointer, Fenced, Invoker, Stopped, Window, load_handler
 
 log = logging.getLogger("fleetwatch.functions")
+kafka_log = logging.getLogger("fleetwatch.functions.kafka")
+
+IDLE_POLL_S = 0.2  # longest a consume() call blocks, so a stop request is seen quickly
+IDLE_RELAY_S = 5.0  # how often an idle worker looks for outbox rows it did not write itself
+SEND_TIMEOUT_S = 60.0
 
 
-STALL_S = 30.0  # how long a consumer may stay outside its group before it is replaced
+class KafkaCommitter:
+    """Commits offsets to the group asynchronously (librdkafka merges and orders the requests)."""
 
-
-class AsyncCommitter:
-    """Commits offsets to Kafka asynchronously, one request in flight at a time (newer offsets wait and merge)."""
-
-    def __init__(self, consumer: KafkaConsumer) -> None:
+    def __init__(self, consumer: Consumer) -> None:
         self.consumer = consumer
-        self._waiting: dict[TopicPartition, OffsetAndMetadata] = {}
-        self._inflight = False
-        self._lock = threading.Lock()
 
     def commit(self, offsets: dict[TP, int]) -> None:
-        """Queue offsets; send them now unless a commit is still in flight."""
-        with self._lock:
-            self._waiting.update({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()})
-            if self._inflight or not self._waiting:
-                return
-            batch, self._waiting, self._inflight = self._waiting, {}, True
+        """Queue a commit of the given next offsets; a failure only means redelivery after a restart."""
+        if not offsets:
+            return
         try:
-            self.consumer.commit_async(batch, callback=self._done)
-        except KafkaError as exc:
-            self._done(batch, exc)
+            self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                                 asynchronous=True)
+        except KafkaException as exc:
+            log.warning("offset commit to Kafka failed: %s", exc)
 
-    def _done(self, offsets: Any, response: Any) -> None:
-        with self._lock:
-            self._inflight = False
-        if isinstance(response, Exception):
-            # Only means these records are delivered again after a restart (at-least-once).
-            log.warning("offset commit to Kafka failed: %s", response)
+    def commit_now(self, offsets: dict[TP, int]) -> None:
+        """Commit synchronously (at revoke and close), logging instead of raising."""
+        if not offsets:
+            return
+        try:
+            self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                                 asynchronous=False)
+        except KafkaException as exc:
+            log.warning("offset commit to Kafka failed: %s", exc)
 
 
 class KafkaCheckpointer:
     """Commits offsets to Kafka (for functions without database effects); window state stays in memory."""
 
-    def __init__(self, committer: AsyncCommitter) -> None:
+    def __init__(self, committer: KafkaCommitter) -> None:
         self.committer = committer
 
     def commit(self, session: Session | None, offsets: dict[TP, int], expected: dict[TP, int | None],
                windows: dict[TP, Window | None]) -> None:
-        """Commit offsets to the consumer group after the batch (asynchronously; synchronously at close)."""
+        """Commit offsets to the consumer group after the batch (asynchronously; synchronously at revoke/close)."""
         if offsets:
             self.committer.commit(offsets)
 
 
-class _Rebalance(ConsumerRebalanceListener):
-    """Hands partitions to and from the Invoker, positioned at the durable offsets."""
-
-    def __init__(self, worker: KafkaWorker) -> None:
-        self.worker = worker
-
-    # kafka-python runs these on its IO thread, where blocking consumer calls are not allowed: assigned
-    # partitions are paused here and positioned by the worker's own thread before they are read.
-    def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
-        self.worker.generation += 1
-        self.worker.unpositioned.difference_update(revoked)
-        tps = sorted((tp.topic, tp.partition) for tp in revoked)
-        self.worker.invoker.revoke(tps)
-        if tps:
-            log.info("%s[%s]: partitions revoked %s", self.worker.fn.name, self.worker.worker_id, tps)
-
-    def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
-        self.worker.generation += 1
-        tps = sorted((tp.topic, tp.partition) for tp in assigned)
-        log.info("%s[%s]: partitions assigned %s", self.worker.fn.name, self.worker.worker_id, tps)
-        if assigned:
-            self.worker.consumer.pause(*assigned)
-            self.worker.unpositioned.update(assigned)
+def _committed(err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+    if err is not None and err.code() != KafkaError._NO_OFFSET:
+        log.warning("offset commit to Kafka failed: %s", err)
 
 
 class KafkaWorker:
-    """Runs one function as a member of its consumer group until stopped."""
+    """Runs one function as a member of its consumer group until stopped.
+
+    Partitions are positioned in the rebalance callback (which librdkafka runs on this thread, inside
+    ``consume()``) at the offsets stored in the database, or at the mapping's starting position; Kafka's group
+    offsets are written only after the database commit, for lag tools.
+    """
 
     def __init__(self, fn: FunctionConfig, bootstrap: str, sessions: sessionmaker[Session] | None,
                  topic_prefix: str = "", worker_id: str | None = None, handler: Handler | None = None) -> None:
@@ -106,121 +98,158 @@ class KafkaWorker:
         self.sessions = sessions if fn.transactional else None
         self.worker_id = worker_id or f"{os.uname().nodename}:{os.getpid()}"
         self.stop_event = threading.Event()
-        self.generation = 0
-        self.unpositioned: set[TopicPartition] = set()  # assigned, paused, not yet positioned
+        self.generation = 0  # bumped by every assignment change, so a batch spanning one is read again
+        self.assigned: set[TP] = set()
+        self.unpositioned: set[TP] = set()  # assigned and paused: the database was unreachable at assignment
         self.topics = [self.topic(t) for t in fn.source_topics]
         self.group = self.topic(fn.group)
         self.bootstrap = bootstrap
-        self.consumer = self._new_consumer()
-        self.unsettled_since: float | None = None
-        self.producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5)
-        self.committer = AsyncCommitter(self.consumer)
+        self.consumer = Consumer(self._consumer_config(), logger=kafka_log)
+        self.producer = Producer({
+            "bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True, "linger.ms": 5,
+            "partitioner": "murmur2_random",  # the Java client's (and kafka-python's) partition for a key
+            "client.id": f"{self.group}-{self.worker_id}", "error_cb": self._kafka_error, "log_level": 3,
+        }, logger=kafka_log)
+        self.committer = KafkaCommitter(self.consumer)
         checkpointer = DbCheckpointer(self.group) if self.sessions else KafkaCheckpointer(self.committer)
         self.invoker = Invoker(fn, handler or load_handler(fn.handler), checkpointer, self.sessions,
                                log_sessions=self.log_sessions, send=self._send_sync, topic=self.topic,
                                publish=self.relay, group=self.group, worker=self.worker_id,
                                should_stop=self.stop_event.is_set)
+        self._errors_logged: dict[str, float] = {}
+        self._idle_relay = time.monotonic()
 
-    def _new_consumer(self) -> KafkaConsumer:
+    def _consumer_config(self) -> dict[str, Any]:
         fn = self.fn
-        return KafkaConsumer(
-            bootstrap_servers=self.bootstrap, group_id=self.group, enable_auto_commit=False,
-            auto_offset_reset="latest" if fn.starting_position == "LATEST" else "earliest",
-            max_poll_records=fn.batch_size, max_poll_interval_ms=max(300_000, int(fn.timeout_s * 4000)),
-            fetch_max_wait_ms=100, session_timeout_ms=15_000, metadata_max_age_ms=15_000, heartbeat_interval_ms=3_000,
-            client_id=f"{self.group}-{self.worker_id}",
-        )
+        return {
+            "bootstrap.servers": self.bootstrap, "group.id": self.group, "client.id": f"{self.group}-{self.worker_id}",
+            # The database (or our explicit commits) is the source of truth for positions.
+            "enable.auto.commit": False, "enable.auto.offset.store": False,
+            # Only used when a stored offset is out of range (records deleted by retention).
+            "auto.offset.reset": "latest" if fn.starting_position == "LATEST" else "earliest",
+            "session.timeout.ms": 15_000, "heartbeat.interval.ms": 3_000,
+            "max.poll.interval.ms": max(300_000, int(fn.timeout_s * 4000)),
+            "fetch.wait.max.ms": 100, "topic.metadata.refresh.interval.ms": 15_000,
+            "on_commit": _committed, "error_cb": self._kafka_error,
+            "log_level": 3,  # errors only: connection trouble is reported (rate-limited) through error_cb
+        }
 
-    def _check_membership(self) -> None:
-        """Replace a consumer stuck outside its group: kafka-python 3.0 can stall for good after a rebalance.
-
-        A member that is merely idle (more workers than partitions) is settled and left alone; one that has not
-        been settled (STABLE, no rejoin pending, coordinator known) for STALL_S gets a fresh consumer. Offsets
-        live in the database (or were committed), so nothing is lost or read twice beyond the usual redelivery.
-        """
-        coordinator = getattr(self.consumer, "_coordinator", None)
-        state = getattr(getattr(coordinator, "state", None), "name", "STABLE")
-        # Seen stuck here: state still STABLE, but the coordinator marked dead and a rejoin pending forever.
-        settled = (state == "STABLE" and not getattr(coordinator, "rejoin_needed", False)
-                   and getattr(coordinator, "coordinator_id", 0) is not None)
+    def _kafka_error(self, err: KafkaError) -> None:
+        """librdkafka retries by itself; say so at most once a minute per kind of error."""
         now = time.monotonic()
-        if settled:
-            self.unsettled_since = None
-            return
-        if self.unsettled_since is None:
-            self.unsettled_since = now
-            return
-        if now - self.unsettled_since < STALL_S:
-            return
-        log.warning("%s[%s]: consumer not back in group %s after %.0fs (state %s); replacing it",
-                    self.fn.name, self.worker_id, self.group, now - self.unsettled_since, state)
-        self.unsettled_since = None
-        try:
-            self.consumer.close(autocommit=False)
-        except Exception as exc:  # noqa: BLE001 - the old client is being discarded anyway
-            log.warning("%s: closing the stuck consumer failed: %s", self.fn.name, exc)
-        self.consumer = self._new_consumer()
-        self.committer.consumer = self.consumer
-        self.unpositioned.clear()
-        self.generation += 1
-        self.consumer.subscribe(self.topics, listener=_Rebalance(self))
+        if now - self._errors_logged.get(err.name(), -60.0) >= 60.0:
+            self._errors_logged[err.name()] = now
+            log.warning("%s[%s]: Kafka: %s", self.fn.name, self.worker_id, err.str())
 
     def topic(self, name: str) -> str:
         """Physical topic (or group) name for a logical one."""
         return f"{self.prefix}{name}"
 
+    # ------------------------------------------------------------------ producing
+    def _produce_all(self, messages: Iterable[tuple[str, bytes | None, bytes, list[tuple[str, bytes]] | None]]) -> None:
+        """Send messages and wait until Kafka acknowledged every one of them (raise KafkaException otherwise)."""
+        failed: list[KafkaError] = []
+        sent = 0
+
+        def delivered(err: KafkaError | None, _msg: Message) -> None:
+            if err is not None:
+                failed.append(err)
+
+        for topic, key, value, headers in messages:
+            while True:
+                try:
+                    self.producer.produce(topic, value, key, headers=headers, on_delivery=delivered)
+                    break
+                except BufferError:  # local queue full: let deliveries drain
+                    self.producer.poll(0.1)
+            sent += 1
+        if not sent:
+            return
+        left = self.producer.flush(SEND_TIMEOUT_S)
+        if failed or left:
+            raise KafkaException(failed[0] if failed else KafkaError(KafkaError._MSG_TIMED_OUT))
+
     def _send_sync(self, topic: str, key: bytes | None, value: bytes) -> None:
-        self.producer.send(topic, key=key, value=value).get(timeout=60)
+        self._produce_all([(topic, key, value, None)])
 
     # ------------------------------------------------------------------ positions
-    def seek(self, partitions: list[TopicPartition]) -> None:
-        """Position partitions at the durable offsets, else at the starting position; tell the Invoker."""
-        if not partitions:
-            return
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.generation += 1
+        tps = sorted((tp.topic, tp.partition) for tp in partitions)
+        log.info("%s[%s]: partitions assigned %s", self.fn.name, self.worker_id, tps)
+        self.assigned = set(tps)
+        try:
+            consumer.assign(self._positions(tps))
+        except (OperationalError, KafkaException) as exc:
+            # Take the partitions but read nothing until they can be positioned (_position_paused).
+            log.error("%s: cannot position partitions (%s); paused until it works", self.fn.name, exc)
+            consumer.assign(partitions)
+            consumer.pause(partitions)
+            self.unpositioned = set(tps)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.generation += 1
+        tps = sorted((tp.topic, tp.partition) for tp in partitions)
+        revoked = set(tps)
+        if not self.sessions:  # at-least-once functions: hand over where this member got to
+            self.committer.commit_now({tp: o for tp, o in self.invoker.positions.items()
+                                       if o is not None and tp in revoked})
+        self.invoker.revoke(tps)
+        self.assigned.difference_update(tps)
+        self.unpositioned.difference_update(tps)
+        if tps:
+            log.info("%s[%s]: partitions revoked %s", self.fn.name, self.worker_id, tps)
+        consumer.unassign()
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.generation += 1
+        tps = sorted((tp.topic, tp.partition) for tp in partitions)
+        log.warning("%s[%s]: partitions lost %s", self.fn.name, self.worker_id, tps)
+        self.invoker.revoke(tps)
+        self.assigned.difference_update(tps)
+        self.unpositioned.difference_update(tps)
+        consumer.unassign()
+
+    def _positions(self, tps: Sequence[TP]) -> list[TopicPartition]:
+        """Durable offsets (else the starting position) for ``tps``; hands them and window state to the Invoker."""
+        if not tps:
+            return []
         stored: dict[TP, int] = {}
         windows: dict[TP, Window] = {}
         if self.sessions:
             with self.sessions() as session:
-                for topic in {tp.topic for tp in partitions}:
+                for topic in {t for t, _ in tps}:
                     stored.update({(topic, p): o for p, o in store.load_offsets(session, self.group, topic).items()})
                     windows.update({(topic, p): w
                                     for p, w in store.load_window_states(session, self.group, topic).items()})
         else:
-            for tp in partitions:
-                committed = self.consumer.committed(tp)
-                if committed is not None:
-                    stored[(tp.topic, tp.partition)] = committed
-        fresh = [tp for tp in partitions if (tp.topic, tp.partition) not in stored]
-        for tp in partitions:
-            if (tp.topic, tp.partition) in stored:
-                self.consumer.seek(tp, stored[(tp.topic, tp.partition)])
-        if fresh:
-            self._seek_start(fresh)
-        owned = {(tp.topic, tp.partition) for tp in partitions}
-        self.invoker.assign({tp: stored.get(tp) for tp in owned},
-                            {tp: w for tp, w in windows.items() if tp in owned})
-        if fresh and self.sessions and self.fn.starting_position != "TRIM_HORIZON":
-            self._remember_start(fresh)
+            for tp in self.consumer.committed([TopicPartition(t, p) for t, p in tps], timeout=30):
+                if tp.offset >= 0:
+                    stored[(tp.topic, tp.partition)] = tp.offset
+        fresh = [tp for tp in tps if tp not in stored]
+        start = self._start_offsets(fresh)
+        owned = set(tps)
+        self.invoker.assign({tp: stored.get(tp) for tp in owned}, {tp: w for tp, w in windows.items() if tp in owned})
+        if self.sessions:
+            self._remember_start({tp: o for tp, o in start.items() if o >= 0})
+        return [TopicPartition(t, p, stored.get((t, p), start.get((t, p), OFFSET_BEGINNING))) for t, p in tps]
 
-    def _seek_start(self, fresh: list[TopicPartition]) -> None:
-        if self.fn.starting_position == "TRIM_HORIZON":
-            self.consumer.seek_to_beginning(*fresh)
-        elif self.fn.starting_position == "LATEST":
-            self.consumer.seek_to_end(*fresh)
-        else:
-            ts = int((self.fn.starting_position_timestamp or datetime.now(UTC)).timestamp() * 1000)
-            found = self.consumer.offsets_for_times(dict.fromkeys(fresh, ts))
-            for tp in fresh:
-                hit = found.get(tp)
-                if hit is None:
-                    self.consumer.seek_to_end(tp)
-                else:
-                    self.consumer.seek(tp, hit.offset)
+    def _start_offsets(self, fresh: list[TP]) -> dict[TP, int]:
+        """Concrete offsets for the starting position (TRIM_HORIZON stays "beginning": nothing to remember)."""
+        if not fresh or self.fn.starting_position == "TRIM_HORIZON":
+            return dict.fromkeys(fresh, OFFSET_BEGINNING)
+        ends = {tp: self.consumer.get_watermark_offsets(TopicPartition(*tp), timeout=30)[1] for tp in fresh}
+        if self.fn.starting_position == "LATEST":
+            return ends
+        ts = int((self.fn.starting_position_timestamp or datetime.now(UTC)).timestamp() * 1000)
+        found = self.consumer.offsets_for_times([TopicPartition(t, p, ts) for t, p in fresh], timeout=30)
+        return {(tp.topic, tp.partition): tp.offset if tp.offset >= 0 else ends[(tp.topic, tp.partition)]
+                for tp in found}
 
-    def _remember_start(self, fresh: list[TopicPartition]) -> None:
+    def _remember_start(self, offsets: dict[TP, int]) -> None:
         """Store a LATEST / AT_TIMESTAMP start right away, so a restart does not move it past unread records."""
-        assert self.sessions is not None
-        offsets = {(tp.topic, tp.partition): self.consumer.position(tp) for tp in fresh}
+        if not offsets or self.sessions is None:
+            return
         with self.sessions() as session:
             try:
                 store.advance_offsets(session, self.group, offsets, dict.fromkeys(offsets))
@@ -229,6 +258,39 @@ class KafkaWorker:
                 session.rollback()
                 return
         self.invoker.positions.update(offsets)
+
+    def _position_paused(self) -> None:
+        """Position partitions that were assigned while the database was down, then let them be read."""
+        tps = sorted(self.unpositioned & self.assigned)
+        try:
+            positions = self._positions(tps)
+        except (OperationalError, KafkaException) as exc:
+            log.error("%s: still cannot position partitions (%s)", self.fn.name, exc)
+            self.stop_event.wait(2)
+            return
+        self._seek(positions)
+        self.unpositioned.clear()
+        if positions:
+            self.consumer.resume(positions)
+
+    def _seek(self, positions: list[TopicPartition]) -> None:
+        for tp in positions:
+            try:
+                self.consumer.seek(tp)
+            except KafkaException as exc:  # not fetching yet: re-assign the whole set at the wanted offsets
+                log.info("%s: seek %s-%d failed (%s); re-assigning", self.fn.name, tp.topic, tp.partition, exc)
+                wanted = {(p.topic, p.partition): p.offset for p in positions}
+                self.consumer.assign([TopicPartition(t, p, wanted.get((t, p), OFFSET_INVALID))
+                                      for t, p in sorted(self.assigned)])
+                return
+
+    def _rewind(self) -> None:
+        """Go back to the durable offsets of every owned partition (after Fenced or a database outage)."""
+        try:
+            self._seek(self._positions(sorted(self.assigned - self.unpositioned)))
+            self.generation += 1
+        except OperationalError as exc:
+            log.error("%s: database still unavailable (%s)", self.fn.name, exc)
 
     # ------------------------------------------------------------------ outbox
     def relay(self) -> None:
@@ -243,58 +305,98 @@ class KafkaWorker:
                                             .order_by(table.c.id).limit(1000).with_for_update()))
                 if not rows:
                     return
-                futures = [self.producer.send(r.topic, key=r.key, value=r.value,
-                                              headers=[(k, str(v).encode()) for k, v in (r.headers or {}).items()])
-                           for r in rows]
-                for f in futures:
-                    f.get(timeout=60)
+                self._produce_all((r.topic, r.key, r.value,
+                                   [(k, str(v).encode()) for k, v in (r.headers or {}).items()] or None)
+                                  for r in rows)
                 store.remove(session, [r.id for r in rows])
                 session.commit()
 
     # ------------------------------------------------------------------ loop
+    def _records(self, messages: list[Message], into: dict[TP, list[Record]]) -> None:
+        """Turn polled messages into Records, appended per partition (a partition's messages come in order)."""
+        last: TP | None = None
+        bucket: list[Record] = []
+        for m in messages:
+            if m.error() is not None:
+                self._message_error(m)
+                continue
+            topic, partition = m.topic(), m.partition()
+            if last is None or partition != last[1] or topic != last[0]:
+                last = (topic, partition)
+                bucket = into.setdefault(last, [])
+            headers = m.headers()
+            bucket.append(Record(topic, partition, m.offset(), m.timestamp()[1], m.key(), m.value() or b"",
+                                 tuple((k, v or b"") for k, v in headers) if headers else ()))
+
+    def _message_error(self, m: Message) -> None:
+        err = m.error()
+        if err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+            self._kafka_error(KafkaError(err.code(), f"source topic {m.topic()} does not exist (yet)"))
+        else:
+            self._kafka_error(err)
+
     def _poll_batch(self) -> list[Record]:
         """Up to batch_size records, waiting at most the batching window once the first record arrived."""
-        deadline = time.monotonic() + self.fn.maximum_batching_window_s
-        batch: list[Record] = []
+        size = self.fn.batch_size
+        got: dict[TP, list[Record]] = {}
+        count, deadline = 0, 0.0
         generation = self.generation
-        while len(batch) < self.fn.batch_size and not self.stop_event.is_set():
-            left = deadline - time.monotonic()
-            polled = self.consumer.poll(timeout_ms=max(int(left * 1000), 0) if batch else 200,
-                                        max_records=self.fn.batch_size - len(batch))
-            for recs in polled.values():
-                batch.extend(Record(m.topic, m.partition, m.offset, m.timestamp, m.key, m.value or b"",
-                                    tuple((k, v or b"") for k, v in m.headers) if m.headers else ())
-                             for m in recs)
-            if self.generation != generation or self.unpositioned:
-                # A rebalance happened inside poll(): start the batch over from a clean state.
-                self._unread(batch)
-                if self.unpositioned:
-                    self._position_assigned()
-                batch, generation = [], self.generation
-                continue
-            if not batch or time.monotonic() >= deadline:
+        while count < size and not self.stop_event.is_set():
+            # consume() returns once it has all it was asked for, or at the timeout: ask for one record first,
+            # then for the rest within the batching window (always once, so a window of 0 takes what is there).
+            if count:
+                messages = self.consumer.consume(size - count, max(min(deadline - time.monotonic(), IDLE_POLL_S), 0))
+            else:
+                messages = self.consumer.consume(1, IDLE_POLL_S)
+            if self.generation != generation:
+                # The assignment changed inside consume(): every owned partition was positioned afresh at its
+                # durable offset, so what earlier calls returned is read again; drop it. What this call returned
+                # is already from the new positions (librdkafka discards messages of an older assignment).
+                got, count, generation = {}, 0, self.generation
+            if messages:
+                first = not count
+                self._records(messages, got)
+                count = sum(map(len, got.values()))
+                if first and count:
+                    deadline = time.monotonic() + self.fn.maximum_batching_window_s
+                    continue
+            if not count or time.monotonic() >= deadline:
                 break
-        batch.sort(key=lambda r: (r.topic, r.partition, r.offset))
-        return batch
+        if len(got) == 1:
+            return next(iter(got.values()))
+        return [r for tp in sorted(got) for r in got[tp]]
 
     def run(self, until: Callable[[], bool] | None = None) -> None:
         """Consume until ``stop_event`` is set (or ``until()`` returns True)."""
-        for topic in self.topics:  # metadata first: a group leader without it would assign nothing
-            if not self.consumer.partitions_for_topic(topic):
-                log.warning("%s: source topic %s does not exist (yet)", self.fn.name, topic)
-        self.consumer.subscribe(self.topics, listener=_Rebalance(self))
+        try:
+            known = self.consumer.list_topics(timeout=10).topics
+            for topic in self.topics:
+                if topic not in known:
+                    log.warning("%s: source topic %s does not exist (yet)", self.fn.name, topic)
+        except KafkaException as exc:
+            log.warning("%s: Kafka metadata unavailable: %s", self.fn.name, exc)
+        self.consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                on_lost=self._on_lost)
         self.relay()
         log.info("%s[%s]: consuming %s as group %s", self.fn.name, self.worker_id, self.topics, self.group)
         while not self.stop_event.is_set() and not (until and until()):
             try:
+                if self.unpositioned:
+                    self._position_paused()
                 batch = self._poll_batch()
-                self._check_membership()
                 if batch:
                     self.invoker.process(batch)
-                busy = {(r.topic, r.partition) for r in batch}
-                if not batch:
+                else:
                     self.invoker.flush_logs()
-                self.invoker.tick({(tp.topic, tp.partition) for tp in self.consumer.assignment()} - busy)
+                    if time.monotonic() - self._idle_relay >= IDLE_RELAY_S:  # rows a departed member left
+                        self._idle_relay = time.monotonic()
+                        self.invoker.unpublished = True
+                        try:
+                            self.invoker.publish_pending()
+                        except KafkaException as exc:  # the rows stay in the outbox; tried again later
+                            log.warning("%s: outbox relay failed: %s", self.fn.name, exc)
+                if self.fn.tumbling_window_s > 0:
+                    self.invoker.tick(self.assigned - {(r.topic, r.partition) for r in batch})
                 if not batch:
                     continue
             except Fenced as exc:
@@ -308,33 +410,8 @@ class KafkaWorker:
                 self.stop_event.wait(2)
                 self._rewind()
                 continue
-            if self.sessions and batch:  # lag visibility for Kafka tools only; the database is authoritative
+            if self.sessions:  # lag visibility for Kafka tools only; the database is authoritative
                 self.committer.commit({tp: o for tp, o in self.invoker.positions.items() if o is not None})
-
-    def _unread(self, batch: list[Record]) -> None:
-        """Put the consumer back to the first record of ``batch`` on each partition it still owns."""
-        first: dict[TopicPartition, int] = {}
-        for r in batch:
-            tp = TopicPartition(r.topic, r.partition)
-            first[tp] = min(first.get(tp, r.offset), r.offset)
-        owned = self.consumer.assignment()
-        for tp, offset in first.items():
-            if tp in owned and tp not in self.unpositioned:
-                self.consumer.seek(tp, offset)
-
-    def _position_assigned(self) -> None:
-        """Seek newly assigned partitions to their durable offsets, then let them be read."""
-        partitions = [tp for tp in self.unpositioned if tp in self.consumer.assignment()]
-        self.seek(partitions)
-        self.unpositioned.clear()
-        if partitions:
-            self.consumer.resume(*partitions)
-
-    def _rewind(self) -> None:
-        try:
-            self.seek(list(self.consumer.assignment()))
-        except OperationalError as exc:
-            log.error("%s: database still unavailable (%s)", self.fn.name, exc)
 
     def close(self) -> None:
         """Leave the group and release clients."""
@@ -343,14 +420,12 @@ class KafkaWorker:
             self.invoker.flush_logs()
         except OperationalError as exc:
             log.error("%s: invocation logs not written: %s", self.fn.name, exc)
-        owned = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
-                 for (t, p), o in self.invoker.positions.items() if o is not None}
-        if owned and not self.sessions:
-            try:
-                self.consumer.commit(owned)
-            except (CommitFailedError, KafkaError) as exc:
-                log.warning("%s: final offset commit failed: %s", self.fn.name, exc)
+        owned = {tp: o for tp, o in self.invoker.positions.items() if o is not None}
         try:
-            self.consumer.close(autocommit=False)
+            if owned and not self.sessions:
+                self.committer.commit_now(owned)
         finally:
-            self.producer.close(timeout=5)
+            try:
+                self.consumer.close()  # leaves the group (runs on_revoke for what this member still owns)
+            finally:
+                self.producer.flush(5)

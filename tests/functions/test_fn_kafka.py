@@ -349,3 +349,57 @@ def test_two_workers_share_two_partitions_and_a_third_idles(isolated: Settings, 
                           capture_output=True, text=True, timeout=60)
     assert logs.returncode == 0, logs.stderr
     assert [line.split()[1] for line in logs.stdout.splitlines()] == ["START", "END", "REPORT"] * 2
+
+
+def workers_metric(port: int, name: str) -> int | None:
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    except OSError:
+        return None
+    for line in body.splitlines():
+        if line.startswith(f'fleetwatch_function_workers{{function="{name}"}}'):
+            return int(float(line.split()[-1]))
+    return None
+
+
+def test_autoscale_grows_from_min_to_max_workers_under_lag_and_shrinks_when_idle(isolated: Settings, pg_db: Any,
+                                                                                  tmp_path: Path) -> None:
+    url, engine, sessions = pg_db
+    spec = {"name": "scaled", "handler": "functions.examples:store_rows", "source_topics": ["scaled"],
+            "batch_size": 20, "maximum_batching_window_s": 0.1, "workers_min": 1, "workers_max": 3,
+            "scale_lag_per_worker": 100, "scale_interval_s": 0.5,
+            "params": {"table": "rows", "sleep_s": 0.2}}  # ~100 records/s per worker: the lag lasts
+    port = isolated.api_port + 8
+    env = os.environ | {"FLEETWATCH_FUNCTIONS_FILE": str(write_functions_file(tmp_path / "fn.toml", spec)),
+                        "FLEETWATCH_DATABASE_URL": url}
+    fn = FunctionConfig.model_validate(spec)
+    create_topic(isolated, "scaled", 4)
+    produce(isolated, "scaled", [{"i": i} for i in range(2000)])
+    log_path = tmp_path / "pool.log"
+    pool = subprocess.Popen([FLEETWATCH, "functions", "run", "scaled", "--autoscale", "--metrics-port", str(port)],
+                            env=env, stderr=log_path.open("wb"))
+    seen: list[int | None] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (not seen or seen[-1] != 3):
+            seen.append(workers_metric(port, "scaled"))
+            time.sleep(0.3)
+        assert seen[-1] == 3, f"workers seen {seen}"
+        deadline = time.monotonic() + 180
+        while committed(sessions, isolated, fn) < 2000 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert committed(sessions, isolated, fn) == 2000
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and seen[-1] != 1:  # the topic is idle now: back to workers_min
+            seen.append(workers_metric(port, "scaled"))
+            time.sleep(0.5)
+        assert seen[-1] == 1, f"workers seen {seen}"
+    finally:
+        pool.send_signal(signal.SIGTERM)
+        assert pool.wait(60) == 0
+    with engine.connect() as conn:
+        total, distinct, workers = conn.execute(text(
+            'SELECT count(*), count(DISTINCT (part, "offset")), count(DISTINCT worker) FROM rows')).one()
+    assert (total, distinct) == (2000, 2000) and workers >= 2  # rebalanced while scaling, nothing doubled
+    log = log_path.read_text()
+    assert "scaling up 1 -> 3" in log and "scaling down 2 -> 1" in log, log[-3000:]

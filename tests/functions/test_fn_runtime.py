@@ -294,3 +294,35 @@ def test_memory_checkpointer_fences_like_the_database() -> None:
     cp = MemoryCheckpointer(offsets={("in", 0): 5})
     with pytest.raises(Fenced):
         cp.commit(None, {("in", 0): 9}, {("in", 0): 3}, {})
+
+
+def test_the_handler_sees_lambdas_kafka_event_with_every_field() -> None:
+    source = MemorySource()
+    source.append("in", 1, b'{"a": 1}', b"k1", 1_700_000_000_000)
+    source.append("in", 0, b"not json", None, 1_700_000_000_001)
+    seen: list[str] = []
+
+    def handler(event: dict[str, Any], context: Context) -> None:
+        seen.append(json.dumps(event, sort_keys=True))
+
+    run_local(config(transactional=False), handler, source)
+    event = json.loads(seen[0])
+    assert list(event["records"]) == ["in-0", "in-1"]
+    assert event["records"]["in-1"] == [{
+        "topic": "in", "partition": 1, "offset": 0, "timestamp": 1_700_000_000_000, "timestampType": "CREATE_TIME",
+        "key": "azE=", "value": "eyJhIjogMX0=", "headers": [], "json": {"a": 1}}]
+    assert event["records"]["in-0"][0]["key"] is None and event["records"]["in-0"][0]["json"] is None
+
+
+def test_records_done_out_of_order_move_the_offset_only_past_a_contiguous_prefix() -> None:
+    fn = config(transactional=False, batch_size=10, maximum_retry_attempts=0,
+                function_response_types=["ReportBatchItemFailures"])
+    source = MemorySource.of("in", [{"i": i, "fail": i == 3} for i in range(10)], partitions=2)
+
+    def handler(event: dict[str, Any], context: Context) -> dict[str, Any]:
+        failed = [r for r in event_records(event) if r["json"]["fail"]]
+        return {"batchItemFailures": [{"itemIdentifier": f"{r['partition']}:{r['offset']}"} for r in failed]}
+
+    result = run_local(fn, handler, source)
+    assert result.offsets == {("in", 0): 5, ("in", 1): 5}
+    assert [(d["partition"], d["offset"]) for d in result.failures] == [(1, 1)]
