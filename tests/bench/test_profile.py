@@ -4,7 +4,7 @@ from bench.profile import summarise
 
 RAW = """\
 <module> (fleetwatch/cli.py:10);run (/work/main/ingest/bridge.py:200);loads (json/__init__.py:346) 30
-<module> (fleetwatch/cli.py:10);run (/work/main/ingest/bridge.py:200);_packet_read (/x/site-packages/paho/mqtt/client.py:3000) 60
+<module> (fleetwatch/cli.py:10);run (/work/main/ingest/bridge.py:200);_read (/s/site-packages/paho/mqtt/c.py:3) 60
 <module> (fleetwatch/cli.py:10);flush (/work/main/ingest/kafka_out.py:90) 10
 garbage line without count
 """
@@ -13,7 +13,7 @@ garbage line without count
 def test_summary_ranks_self_time_and_our_inclusive_time() -> None:
     out = summarise(RAW)
     assert out["samples"] == 100
-    assert out["self_pct"][0] == ["_packet_read (paho/mqtt/client.py)", 60.0]
+    assert out["self_pct"][0] == ["_read (paho/mqtt/c.py)", 60.0]
     assert ["loads (json/__init__.py)", 30.0] in out["self_pct"]
     inclusive = dict(out["ours_inclusive_pct"])
     assert inclusive["run (ingest/bridge.py)"] == 90.0
