@@ -10,7 +10,6 @@ broker redelivers everything unacknowledged. Memory stays bounded because the br
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import threading
@@ -21,6 +20,7 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
+import orjson
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -144,7 +144,7 @@ def records_for(verdict: Verdict, topic: str, payload: bytes, received_at: datet
     records: list[tuple[str, bytes | None, bytes]] = []
     if verdict.message is not None:
         records.append((config.telemetry_topic, verdict.tractor_id.encode(),  # type: ignore[union-attr]
-                        json.dumps(verdict.message, separators=(",", ":")).encode()))
+                        orjson.dumps(verdict.message)))  # compact strict JSON (NaN never gets this far)
     if verdict.rejections:
         key_id = verdict.tractor_id or topic_tractor(topic)
         key = key_id.encode()[:64] if key_id else None
