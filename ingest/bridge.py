@@ -47,7 +47,7 @@ class BridgeConfig:
     client_id: str = "fleetwatch-bridge-0"
     # Workers of one group split the stream ($share/<group>/tractors/+/telemetry); None = plain subscription.
     shared_group: str | None = "ingest"
-    max_inflight: int = 1000
+    max_inflight: int = 5000
     session_expiry_s: int = 7 * 24 * 3600
     limits: Limits = field(default_factory=Limits)
     username: str | None = None
@@ -57,7 +57,7 @@ class BridgeConfig:
     metrics_host: str = "127.0.0.1"
     max_inflight_bytes: int = 64 * 1024 * 1024  # Kafka record bytes not yet acknowledged (memory bound)
     kafka_delivery_timeout_ms: int = 120_000
-    kafka_linger_ms: float = 5.0
+    kafka_linger_ms: float = 25.0
     kafka_client: str = "auto"  # "confluent" (librdkafka) when installed, else "kafka-python"
 
     @property
