@@ -76,22 +76,17 @@ class LeanProperties(Properties):
     so instances share one copy; parsing, checks and attributes are paho's own.
     """
 
-    _shared: tuple[list[str], dict[str, int], dict[int, Any]] | None = None
-    _own = frozenset(("packetType", "types", "names", "properties"))
+    _shared: dict[str, Any] = {}  # the attributes of a fresh paho Properties (its tables), made once
 
     def __init__(self, packetType: int) -> None:  # noqa: N803 - paho's signature
-        shared = LeanProperties._shared
-        if shared is None:
-            model = Properties(packetType)
-            shared = LeanProperties._shared = (model.types, model.names, model.properties)
+        if not LeanProperties._shared:
+            LeanProperties._shared = dict(vars(Properties(packetType)))
+        self.__dict__.update(LeanProperties._shared)
         object.__setattr__(self, "packetType", packetType)
-        object.__setattr__(self, "types", shared[0])
-        object.__setattr__(self, "names", shared[1])
-        object.__setattr__(self, "properties", shared[2])
 
     def clear(self) -> None:
         """Drop every property value (what paho's clear() does, without 27 name rewrites)."""
-        for name in [n for n in self.__dict__ if n not in self._own]:
+        for name in [n for n in self.__dict__ if n not in self._shared]:
             del self.__dict__[name]
 
 
