@@ -46,7 +46,8 @@ def bridge_config(s: Settings, index: int = 0) -> BridgeConfig:
                         client_id=f"{s.mqtt_client_prefix}-{s.topic_prefix}bridge-{index}",
                         shared_group=shared_group(s), max_inflight=s.ingest_max_inflight, limits=limits,
                         session_expiry_s=s.mqtt_session_expiry_s, username=username, password=password,
-                        ca_file=ca_file, metrics_port=s.ingest_metrics_base + index)
+                        ca_file=ca_file, metrics_port=s.ingest_metrics_base + index,
+                        kafka_linger_ms=s.ingest_kafka_linger_ms)
 
 
 def _supervise(workers: int) -> None:

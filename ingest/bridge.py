@@ -10,7 +10,6 @@ broker redelivers everything unacknowledged. Memory stays bounded because the br
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import threading
@@ -21,6 +20,8 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
+import orjson
+import paho.mqtt._packet as paho_packet
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -46,7 +47,7 @@ class BridgeConfig:
     client_id: str = "fleetwatch-bridge-0"
     # Workers of one group split the stream ($share/<group>/tractors/+/telemetry); None = plain subscription.
     shared_group: str | None = "ingest"
-    max_inflight: int = 1000
+    max_inflight: int = 5000
     session_expiry_s: int = 7 * 24 * 3600
     limits: Limits = field(default_factory=Limits)
     username: str | None = None
@@ -56,6 +57,7 @@ class BridgeConfig:
     metrics_host: str = "127.0.0.1"
     max_inflight_bytes: int = 64 * 1024 * 1024  # Kafka record bytes not yet acknowledged (memory bound)
     kafka_delivery_timeout_ms: int = 120_000
+    kafka_linger_ms: float = 25.0
     kafka_client: str = "auto"  # "confluent" (librdkafka) when installed, else "kafka-python"
 
     @property
@@ -64,6 +66,73 @@ class BridgeConfig:
         if self.shared_group:
             return f"$share/{self.shared_group}/{TELEMETRY_TOPIC_FILTER}"
         return TELEMETRY_TOPIC_FILTER
+
+
+class LeanProperties(Properties):
+    """paho's MQTT v5 properties with its constant lookup tables built once, not for every packet.
+
+    paho builds three tables (names, types, which property fits which packet) in every ``Properties()``:
+    for each received PUBLISH that cost about as much as validating the payload. The tables never change,
+    so instances share one copy; parsing, checks and attributes are paho's own.
+    """
+
+    _shared: dict[str, Any] = {}  # the attributes of a fresh paho Properties (its tables), made once
+
+    def __init__(self, packetType: int) -> None:  # noqa: N803 - paho's signature
+        if not LeanProperties._shared:
+            LeanProperties._shared = dict(vars(Properties(packetType)))
+        self.__dict__.update(LeanProperties._shared)
+        object.__setattr__(self, "packetType", packetType)
+
+    def clear(self) -> None:
+        """Drop every property value (what paho's clear() does, without 27 name rewrites)."""
+        for name in [n for n in self.__dict__ if n not in self._shared]:
+            del self.__dict__[name]
+
+
+def use_lean_properties() -> None:
+    """Let paho decode incoming PUBLISH properties with ``LeanProperties`` (this process only)."""
+    if paho_packet.Properties is Properties:
+        paho_packet.Properties = LeanProperties
+
+
+class BufferedClient(mqtt.Client):
+    """paho's client reading the socket 64 KiB at a time and handling every buffered packet per wake-up.
+
+    Stock paho reads a packet with three or four ``recv`` calls (1 byte of type, the length byte by byte,
+    then the body) and goes back to ``select`` after each QoS 1 packet: several system calls and a pass of
+    its loop per message. Here ``recv`` is served from one big read and ``loop_read`` goes on while that
+    read still holds bytes; paho's own packet parser and state machine are unchanged (a packet split across
+    reads is completed by the next read exactly as before). Relies on paho 2.x's ``_sock_recv`` hook.
+    """
+
+    _READ_SIZE = 64 * 1024
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401
+        super().__init__(*args, **kwargs)
+        self._rbuf = b""
+        self._rpos = 0
+        self._rsock: object = None  # the socket the buffer came from (a reconnect starts empty)
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._rsock is not self._sock:
+            self._rsock, self._rbuf, self._rpos = self._sock, b"", 0
+        if self._rpos >= len(self._rbuf):
+            data = super()._sock_recv(self._READ_SIZE)  # raises BlockingIOError when nothing is there
+            if len(data) <= bufsize:
+                self._rbuf, self._rpos = b"", 0
+                return data  # b"" means the connection closed
+            self._rbuf, self._rpos = data, 0
+        start = self._rpos
+        self._rpos = start + bufsize
+        return self._rbuf[start:self._rpos]
+
+    def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
+        """Handle packets until the buffered bytes are used up (select() would not see them)."""
+        rc = super().loop_read(max_packets)
+        while rc == mqtt.MQTT_ERR_SUCCESS and self._sock is not None and self._rpos < len(self._rbuf):
+            rc = super().loop_read(max_packets)
+        return rc
 
 
 class _Pending:
@@ -100,6 +169,8 @@ class AckTracker:
 
     def wait_for_room(self, limit: int, timeout: float) -> bool:
         """Block while more than ``limit`` record bytes are unacknowledged; False on timeout."""
+        if self.bytes <= limit:  # the common case, without the lock: only the caller's own add() raises it
+            return True
         with self._room:
             return self._room.wait_for(lambda: self.bytes <= limit, timeout)
 
@@ -144,7 +215,7 @@ def records_for(verdict: Verdict, topic: str, payload: bytes, received_at: datet
     records: list[tuple[str, bytes | None, bytes]] = []
     if verdict.message is not None:
         records.append((config.telemetry_topic, verdict.tractor_id.encode(),  # type: ignore[union-attr]
-                        json.dumps(verdict.message, separators=(",", ":")).encode()))
+                        orjson.dumps(verdict.message)))  # compact strict JSON (NaN never gets this far)
     if verdict.rejections:
         key_id = verdict.tractor_id or topic_tractor(topic)
         key = key_id.encode()[:64] if key_id else None
@@ -169,8 +240,9 @@ class Bridge:
         self.subscribed = threading.Event()
         self._sink_epoch = 0
         self.sink: RecordSink | None = self._new_sink()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=config.client_id,
-                                  protocol=mqtt.MQTTv5, manual_ack=True)
+        use_lean_properties()
+        self.client = BufferedClient(mqtt.CallbackAPIVersion.VERSION2, client_id=config.client_id,
+                                     protocol=mqtt.MQTTv5, manual_ack=True)
         if config.username:
             self.client.username_pw_set(config.username, config.password)
         if config.ca_file:
@@ -186,7 +258,7 @@ class Bridge:
         self._sink_epoch += 1
         failed = partial(self._kafka_failure, self._sink_epoch)
         return make_sink(self.config.kafka_client, self.config.bootstrap, self.config.kafka_delivery_timeout_ms,
-                         self.config.max_inflight_bytes * 2, on_fatal=failed)
+                         self.config.max_inflight_bytes * 2, on_fatal=failed, linger_ms=self.config.kafka_linger_ms)
 
     # ------------------------------------------------------------------ MQTT callbacks
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: Any, reason: Any,  # noqa: ANN401
@@ -270,17 +342,27 @@ class Bridge:
             self.client.ack(entry.mid, entry.qos)
 
     def _record_done(self, entry: _Pending) -> None:
-        for e in self.tracker.record_done(entry, self._ack):
-            m = self.metrics
-            m.acked.inc()
-            m.in_flight.dec()
-            m.ack_latency.observe(time.monotonic() - e.started)
+        released = self.tracker.record_done(entry, self._ack)
+        if not released:
+            return
+        m = self.metrics
+        now = time.monotonic()
+        forwarded = samples = readings = dlq = 0
+        for e in released:
+            m.ack_latency.observe(now - e.started)
             if e.samples:
-                m.forwarded.inc()
-                m.samples.inc(e.samples)
-                m.readings.inc(e.readings)
-            if e.dlq:
-                m.dead_lettered.inc()
+                forwarded += 1
+                samples += e.samples
+                readings += e.readings
+            dlq += e.dlq
+        m.acked.inc(len(released))  # one increment per batch of released messages, not per message
+        m.in_flight.dec(len(released))
+        if forwarded:
+            m.forwarded.inc(forwarded)
+            m.samples.inc(samples)
+            m.readings.inc(readings)
+        if dlq:
+            m.dead_lettered.inc(dlq)
 
     def _kafka_failure(self, epoch: int, exc: BaseException) -> None:
         if epoch != self._sink_epoch:

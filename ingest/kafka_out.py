@@ -38,7 +38,7 @@ class ConfluentSink:
     """librdkafka through confluent-kafka: ~10× the send rate of kafka-python on the same machine."""
 
     def __init__(self, bootstrap: str, delivery_timeout_ms: int, max_buffer_bytes: int, max_block_s: float = 20.0,
-                 on_fatal: Failed | None = None) -> None:
+                 on_fatal: Failed | None = None, linger_ms: float = 5.0) -> None:
         from confluent_kafka import KafkaException, Producer
 
         self._exc = KafkaException
@@ -48,7 +48,7 @@ class ConfluentSink:
             "bootstrap.servers": bootstrap,
             "acks": "all",
             "enable.idempotence": True,
-            "linger.ms": 5,
+            "linger.ms": linger_ms,
             "message.timeout.ms": delivery_timeout_ms,
             "queue.buffering.max.kbytes": max(max_buffer_bytes // 1024, 1024),
             "queue.buffering.max.messages": 200_000,
@@ -107,10 +107,12 @@ class ConfluentSink:
 class KafkaPythonSink:
     """kafka-python's KafkaProducer (pure Python; a few thousand records/s)."""
 
-    def __init__(self, bootstrap: str, delivery_timeout_ms: int, max_block_s: float = 20.0) -> None:
+    def __init__(self, bootstrap: str, delivery_timeout_ms: int, max_block_s: float = 20.0, linger_ms: float = 5.0,
+                 ) -> None:
         from kafka import KafkaProducer
 
-        self.producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5,
+        self.producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
+                                      linger_ms=int(linger_ms),
                                       batch_size=256 * 1024, metrics_enabled=False,
                                       delivery_timeout_ms=delivery_timeout_ms, max_block_ms=int(max_block_s * 1000),
                                       reconnect_backoff_max_ms=2_000)
@@ -142,12 +144,12 @@ def available_client() -> str:
 
 
 def make_sink(client: str, bootstrap: str, delivery_timeout_ms: int, max_buffer_bytes: int,
-              on_fatal: Failed | None = None) -> RecordSink:
+              on_fatal: Failed | None = None, linger_ms: float = 5.0) -> RecordSink:
     """The producer the bridge writes through ("auto" picks librdkafka when installed)."""
     if client == "auto":
         client = available_client()
     if client == "confluent":
-        return ConfluentSink(bootstrap, delivery_timeout_ms, max_buffer_bytes, on_fatal=on_fatal)
+        return ConfluentSink(bootstrap, delivery_timeout_ms, max_buffer_bytes, on_fatal=on_fatal, linger_ms=linger_ms)
     if client == "kafka-python":
-        return KafkaPythonSink(bootstrap, delivery_timeout_ms)
+        return KafkaPythonSink(bootstrap, delivery_timeout_ms, linger_ms=linger_ms)
     raise ValueError(f"unknown Kafka client {client!r}: auto, confluent or kafka-python")

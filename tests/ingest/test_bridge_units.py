@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import random
+import socket
 import stat
+import struct
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
-from ingest.bridge import AckTracker, BridgeConfig, _Pending, records_for
+from ingest.bridge import AckTracker, BridgeConfig, BufferedClient, LeanProperties, _Pending, records_for
 from ingest.deadletter import dead_letter, describe, original_payload
 from ingest.devices import DeviceError, DeviceRegistry, hash_password, verify_password
 from ingest.metrics import BridgeMetrics, MetricsSummary
@@ -126,3 +132,63 @@ def test_metrics_text_is_summarised_for_status() -> None:
     summary.add(generate_latest(m.registry).decode())
     assert (summary.workers, summary.received, summary.forwarded) == (2, 10, 8)
     assert summary.rejected == {"bad_json": 2} and summary.ack_latency_ms == pytest.approx(20)
+
+
+# ---------------------------------------------------------------- paho speed-ups change nothing paho delivers
+def _vbi(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, byte = divmod(n, 128)
+        out.append(byte | (128 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _publish(mid: int, topic: bytes, payload: bytes, props: bytes = b"\x00") -> bytes:
+    """A QoS 1 PUBLISH as a broker sends it (``props``: packed properties, with their length)."""
+    body = struct.pack("!H", len(topic)) + topic + struct.pack("!H", mid) + props + payload
+    return bytes([0x32]) + _vbi(len(body)) + body
+
+
+def _props(**values: object) -> Properties:
+    props = Properties(PacketTypes.PUBLISH)
+    for name, value in values.items():
+        setattr(props, name, value)
+    return props
+
+
+def test_buffered_client_delivers_every_packet_however_the_stream_is_split() -> None:
+    client = BufferedClient(mqtt.CallbackAPIVersion.VERSION2, client_id="t", protocol=mqtt.MQTTv5, manual_ack=True)
+    got: list[tuple[int, str, bytes, list[object]]] = []
+    client.on_message = lambda _c, _u, m: got.append((m.mid, m.topic, m.payload,
+                                                      getattr(m.properties, "UserProperty", [])))
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    client._sock = ours  # the network loop's socket; no broker needed to feed it packets
+    rng = random.Random(7)
+    sizes = [rng.choice([0, 1, 127, 128, 411, 16_383, 16_384, 70_000]) for _ in range(300)]
+    user = _props(UserProperty=[("k", "v")]).pack()
+    expected = [(i, f"tractors/T{i:05d}/telemetry", bytes([i % 251]) * n, [("k", "v")] if i % 7 == 0 else [])
+                for i, n in enumerate(sizes, start=1)]
+    stream = b"".join(_publish(mid, topic.encode(), payload, user if props else b"\x00")
+                      for mid, topic, payload, props in expected)
+    pos = 0
+    try:
+        while pos < len(stream):
+            step = rng.choice([1, 2, 3, 50, 4096, 65_536, 200_000])
+            theirs.sendall(stream[pos:pos + step])
+            pos += step
+            assert client.loop_read() == mqtt.MQTT_ERR_SUCCESS
+    finally:
+        ours.close()
+        theirs.close()
+    assert got == expected
+
+
+def test_lean_properties_decode_like_paho() -> None:
+    packed = _props(UserProperty=[("a", "1"), ("b", "2")], MessageExpiryInterval=60, ContentType="json",
+                    SubscriptionIdentifier=[3], PayloadFormatIndicator=1).pack()
+    theirs, _ = Properties(PacketTypes.PUBLISH).unpack(packed)
+    ours, _ = LeanProperties(PacketTypes.PUBLISH).unpack(packed)
+    assert ours.json() == theirs.json() and ours.json()["UserProperty"] == [("a", "1"), ("b", "2")]
+    assert LeanProperties(PacketTypes.PUBLISH).unpack(_vbi(0))[0].json() == {}

@@ -183,3 +183,14 @@ def test_validator_accepts_every_simulated_payload(scenario: str, tractors: int,
     injected = {(fleet.ids[i], format_ts(fleet.start + timedelta(seconds=t + skew.get(i, 0.0))))
                 for i, t in fleet.invalid_samples}
     assert rejected == injected  # only the samples the simulator made invalid on purpose are refused
+
+
+# ---------------------------------------------------------------- the orjson fast path changes no verdict
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(doc=message_st, big=st.integers(-(2**70), 2**70) | st.floats(allow_nan=True, allow_infinity=True))
+def test_fast_parser_gives_the_stdlib_verdict(doc: dict[str, object], big: object) -> None:
+    for payload in (json.dumps(doc, allow_nan=True).encode(),
+                    json.dumps({"v": 1, "tractor_id": "T00042", "seq": big, "samples": [sample(engine_rpm=big)]},
+                               allow_nan=True).encode(),
+                    json.dumps(doc, allow_nan=True).encode().replace(b'"v"', b'"\\ud800"')):
+        assert validate(TOPIC, payload, NOW) == validate(TOPIC, payload, NOW, fast_loads=None)
