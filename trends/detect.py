@@ -155,13 +155,63 @@ def _unpack(s: str, width: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ flatten
+META = ("partition", "tractor_id", "seq", "ts")
+
+
+def _reading_columns(readings: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Signal columns (float64, NaN = absent) of the samples' readings, in the order the names first appear.
+
+    Samples sharing one set of signal names (nearly all of them) become one block through a single numpy
+    conversion; a block with a value numpy cannot read as a number goes through pandas' coercion instead.
+    """
+    n = len(readings)
+    blocks: dict[tuple[str, ...], tuple[list[int], list[list[Any]]]] = {}
+    for i, rd in enumerate(readings):
+        block = blocks.get(names := tuple(rd))
+        if block is None:
+            block = blocks[names] = ([], [])
+        block[0].append(i)
+        block[1].append(list(rd.values()))
+    columns: dict[str, np.ndarray] = {}
+    for names, (rows, values) in blocks.items():
+        if not names:
+            continue
+        arr: np.ndarray | None = None
+        if len(set(names)) == len(names):
+            try:
+                arr = np.array(values)
+            except (TypeError, ValueError):  # ragged or unreadable values
+                arr = None
+            if arr is not None and (arr.dtype.kind not in "biuf" or arr.ndim != 2):
+                arr = None
+        if arr is None:
+            coerced = pd.DataFrame.from_records([readings[i] for i in rows]).apply(pd.to_numeric, errors="coerce")
+            block_cols = {str(c): coerced[c].to_numpy(dtype=np.float64) for c in coerced.columns}
+        else:
+            arr = arr.astype(np.float64)
+            block_cols = {name: arr[:, j] for j, name in enumerate(names)}
+        idx = np.asarray(rows, dtype=np.int64)
+        whole = len(rows) == n
+        for name, col in block_cols.items():
+            if whole and name not in columns:
+                columns[name] = col
+                continue
+            target = columns.get(name)
+            if target is None:
+                target = columns[name] = np.full(n, np.nan)
+            elif whole:
+                target = columns[name] = target.copy()
+            target[idx] = col
+    return columns
+
+
 def flatten(records: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per sample: partition, tractor_id, seq, ts (epoch s) and one column per signal (NaN = absent)."""
     part: list[str] = []
     tractor: list[str] = []
     seq: list[int] = []
-    ts: list[str] = []
-    readings: list[dict[str, float]] = []
+    ts: list[Any] = []
+    readings: list[dict[str, Any]] = []
     for r in records:
         msg = r.get("json")
         if not isinstance(msg, dict):
@@ -172,21 +222,32 @@ def flatten(records: list[dict[str, Any]]) -> pd.DataFrame:
             continue
         p = f"{r.get('topic', '')}-{r.get('partition', 0)}"
         n = len(samples)
-        part += [p] * n
-        tractor += [tid] * n
-        seq += [s] * n
+        if n == 1:
+            part.append(p)
+            tractor.append(tid)
+            seq.append(s)
+        else:
+            part += [p] * n
+            tractor += [tid] * n
+            seq += [s] * n
         for sample in samples:
             ts.append(sample.get("ts", ""))
             readings.append(sample.get("readings") or {})
-    values = pd.DataFrame.from_records(readings) if readings else pd.DataFrame()
-    values = values.apply(pd.to_numeric, errors="coerce") if len(values.columns) else values
-    frame = pd.DataFrame({"partition": part, "tractor_id": tractor, "seq": np.asarray(seq, dtype=np.int64),
-                          "ts": pd.to_datetime(pd.Series(ts, dtype="string"), utc=True, format="ISO8601",
-                                               errors="coerce")})
-    frame["ts"] = frame["ts"].dt.as_unit("ms").astype("int64") / 1e3
-    frame.loc[frame["ts"] < -1e11, "ts"] = np.nan  # NaT
-    frame = pd.concat([frame, values.astype(np.float64)], axis=1)
-    return frame[frame["ts"].notna()].reset_index(drop=True)
+    # Parse each distinct timestamp once (a fleet on synchronised clocks shares them).
+    codes, uniq = pd.factorize(pd.Series(ts, dtype="object"), use_na_sentinel=False)
+    parsed = pd.to_datetime(pd.Series(uniq, dtype="string"), utc=True, format="ISO8601", errors="coerce")
+    epoch = parsed.dt.as_unit("ms").astype("int64").to_numpy() / 1e3
+    epoch[epoch < -1e11] = np.nan  # NaT
+    t = epoch[codes] if len(codes) else np.zeros(0)
+    good = ~np.isnan(t)
+    columns: dict[str, Any] = {"partition": np.asarray(part, dtype=object), "tractor_id": np.asarray(tractor, dtype=object),
+                               "seq": np.asarray(seq, dtype=np.int64), "ts": t}
+    for name, col in _reading_columns(readings).items():
+        if name not in columns:
+            columns[name] = col
+    if not good.all():
+        columns = {k: v[good] for k, v in columns.items()}
+    return pd.DataFrame(columns, copy=False)
 
 
 # ------------------------------------------------------------------------------------------ outputs
@@ -206,18 +267,40 @@ class Outputs:
 
 def new_state() -> dict[str, Any]:
     """Empty per-tractor state."""
-    return {"wm": 0.0, "seqs": [], "open": None, "sig": {}, "episodes": {}, "replaced": {}}
+    return {"wm": 0.0, "dd": None, "open": None, "sig": {}, "episodes": {}, "replaced": {}}
+
+
+def _groups(values: np.ndarray) -> list[tuple[Any, np.ndarray]]:
+    """(value, row indices) for each distinct value, in order of first appearance."""
+    codes, uniq = pd.factorize(values)
+    order = np.argsort(codes, kind="stable")
+    bounds = np.cumsum(np.bincount(codes, minlength=len(uniq)))[:-1]
+    return list(zip(uniq.tolist(), np.split(order, bounds), strict=True))
+
+
+def _sort_order(keys: np.ndarray) -> np.ndarray:
+    """Stable lexicographic order of integer key rows (what ``np.lexsort`` of the reversed columns gives)."""
+    lo = keys.min(axis=0)
+    span = keys.max(axis=0) - lo + 1
+    if float(np.prod(span.astype(np.float64))) < 2.0 ** 62:  # one mixed-radix int64 key sorts faster than lexsort
+        flat = np.zeros(len(keys), dtype=np.int64)
+        for j in range(keys.shape[1]):
+            flat = flat * span[j] + (keys[:, j] - lo[j])
+        return np.argsort(flat, kind="stable")
+    return np.lexsort(keys.T[::-1])
 
 
 def _reduce(keys: np.ndarray, acc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Merge accumulator rows sharing a key (rows of ``keys``): sums add, LO takes min, HI takes max."""
     if len(keys) == 0:
         return keys, acc
-    order = np.lexsort(keys.T[::-1])
+    order = _sort_order(keys)
     keys, acc = keys[order], acc[order]
     new = np.ones(len(keys), dtype=bool)
     new[1:] = (keys[1:] != keys[:-1]).any(axis=1)
     starts = np.flatnonzero(new)
+    if len(starts) == len(keys):
+        return keys, acc
     out = np.add.reduceat(acc, starts, axis=0)
     out[:, LO] = np.minimum.reduceat(acc[:, LO], starts)
     out[:, HI] = np.maximum.reduceat(acc[:, HI], starts)
@@ -237,24 +320,61 @@ class Detector:
         self.decay = 0.5 ** (1.0 / params.halflife_windows)
 
     # -------------------------------------------------------------- ingest
+    def _seen(self, st: dict[str, Any]) -> tuple[int | None, np.ndarray]:
+        """A tractor's dedupe state: highest seq seen and bits of the recent seqs (bit j = seq ``hwm - j`` seen)."""
+        m = self.params.max_seqs
+        dd = st.get("dd")
+        if dd:
+            packed = np.frombuffer(base64.b64decode(dd[1]), dtype=np.uint8)
+            return int(dd[0]), np.unpackbits(packed, count=m).astype(bool)
+        bits = np.zeros(m, dtype=bool)
+        legacy = st.pop("seqs", None)  # states written before the bitmap: a list of the last seqs seen
+        if not legacy:
+            return None, bits
+        hwm = int(max(legacy))
+        off = hwm - np.asarray(legacy, dtype=np.int64)
+        bits[off[off < m]] = True
+        return hwm, bits
+
     def dedupe(self, frame: pd.DataFrame, states: dict[str, dict[str, Any]], out: Outputs) -> pd.DataFrame:
-        """Drop samples of messages already seen (QoS 1 and redelivery duplicates), in and across batches."""
+        """Drop samples of messages already seen (QoS 1 and redelivery duplicates), in and across batches.
+
+        Per tractor the state keeps the highest seq seen and a bitmap of the ``max_seqs`` seqs below it; a seq
+        older than that range counts as seen (its windows are long closed).
+        """
         before = len(frame)
         frame = frame.drop_duplicates(subset=["tractor_id", "seq", "ts"])
         keep = np.ones(len(frame), dtype=bool)
-        tids = frame["tractor_id"].to_numpy()
         seqs = frame["seq"].to_numpy()
-        for tid, idx in pd.Series(np.arange(len(frame))).groupby(tids).indices.items():
+        m = self.params.max_seqs
+        for tid, idx in _groups(frame["tractor_id"].to_numpy()):
             st = states[tid]
-            seen = np.asarray(st["seqs"], dtype=np.int64)
+            hwm, bits = self._seen(st)
             s = seqs[idx]
-            old = np.isin(s, seen)
-            if len(seen) >= self.params.max_seqs:
-                old |= s < seen.min()
-            keep[idx] = ~old
-            fresh = np.unique(s[~old])
-            if len(fresh):
-                st["seqs"] = np.union1d(seen, fresh)[-self.params.max_seqs:].tolist()
+            if hwm is None:
+                fresh = s
+            else:
+                off = hwm - s
+                old = off >= m
+                inside = np.flatnonzero((off >= 0) & ~old)
+                old[inside] = bits[off[inside]]
+                if old.any():
+                    keep[idx[old]] = False
+                    fresh = s[~old]
+                else:
+                    fresh = s
+            if not len(fresh):
+                if hwm is not None and not st.get("dd"):  # keep a legacy list's seqs as the bitmap
+                    st["dd"] = [hwm, base64.b64encode(np.packbits(bits).tobytes()).decode()]
+                continue
+            top = int(fresh.max())
+            if hwm is None or top > hwm:
+                shift = m if hwm is None else min(top - hwm, m)
+                bits = np.concatenate([np.zeros(shift, dtype=bool), bits[:m - shift]])
+                hwm = top
+            off = hwm - fresh
+            bits[off[off < m]] = True
+            st["dd"] = [hwm, base64.b64encode(np.packbits(bits).tobytes()).decode()]
         frame = frame[keep]
         out.count("duplicates_dropped", before - len(frame))
         return frame
@@ -283,10 +403,11 @@ class Detector:
         w = (np.floor(frame["ts"].to_numpy() / self.params.window_s) * self.params.window_s).astype(np.int64)
         keys, accs = [], []
         d, kmax = self.d, self.kmax
+        data = {c: frame[c].to_numpy(dtype=np.float64) for c in frame.columns if c not in META}
         for si, sig in enumerate(signals):
-            if sig not in frame.columns:
+            if sig not in data:
                 continue
-            y = frame[sig].to_numpy(dtype=np.float64)
+            y = data[sig]
             rows = np.flatnonzero(np.isfinite(y))
             if not len(rows):
                 continue
@@ -300,9 +421,9 @@ class Detector:
             ch = self.channels.get(sig)
 
             def column(name: str, rows: np.ndarray = rows) -> np.ndarray:
-                if name not in frame.columns:
+                if name not in data:
                     return np.full(len(rows), np.nan)
-                return frame[name].to_numpy(dtype=np.float64)[rows]
+                return data[name][rows]
 
             if ch is not None:
                 z = np.zeros((len(rows), d))
@@ -355,7 +476,8 @@ class Detector:
         for tid in frame["tractor_id"].unique().tolist():
             states.setdefault(tid, new_state())
         frame = self.dedupe(frame, states, out)
-        out.count("readings", float(frame.drop(columns=["partition", "tractor_id", "seq", "ts"]).count().sum()))
+        out.count("readings", float(sum(int(np.count_nonzero(~np.isnan(frame[c].to_numpy(dtype=np.float64))))
+                                        for c in frame.columns if c not in META)))
         tids = sorted(states)
         signals = sorted({c for c in frame.columns if c not in ("partition", "tractor_id", "seq", "ts")}
                          | {s for st in states.values() if st["open"] for s in st["open"]["sig"]})
