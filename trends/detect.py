@@ -240,7 +240,8 @@ def flatten(records: list[dict[str, Any]]) -> pd.DataFrame:
     epoch[epoch < -1e11] = np.nan  # NaT
     t = epoch[codes] if len(codes) else np.zeros(0)
     good = ~np.isnan(t)
-    columns: dict[str, Any] = {"partition": np.asarray(part, dtype=object), "tractor_id": np.asarray(tractor, dtype=object),
+    columns: dict[str, Any] = {"partition": np.asarray(part, dtype=object),
+                               "tractor_id": np.asarray(tractor, dtype=object),
                                "seq": np.asarray(seq, dtype=np.int64), "ts": t}
     for name, col in _reading_columns(readings).items():
         if name not in columns:
