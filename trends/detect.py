@@ -11,8 +11,10 @@ import base64
 import hashlib
 import json
 import math
+import secrets
 import statistics
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -878,8 +880,12 @@ def _iso(v: Any) -> str:
     return str(v)
 
 
-def apply_replacements(session: Session, detector: Detector, states: dict[str, dict[str, Any]]) -> int:
-    """Reset baselines of parts installed since the state last looked (table owned by ordering; plain SQL)."""
+def apply_replacements(session: Session, detector: Detector, states: dict[str, dict[str, Any]],
+                       reset: set[str] | None = None) -> int:
+    """Reset baselines of parts installed since the state last looked (table owned by ordering; plain SQL).
+
+    The ids of the tractors whose state changed are added to ``reset`` when given.
+    """
     if not states or not _replacements_table(session):
         return 0
     rows = session.execute(text("SELECT tractor_id, part_id, installed_at FROM part_replacements "
@@ -893,6 +899,8 @@ def apply_replacements(session: Session, detector: Detector, states: dict[str, d
             st["replaced"][part_id] = stamp
             detector.reset_part(st, part_id)
             applied += 1
+            if reset is not None:
+                reset.add(tid)
     return applied
 
 
@@ -902,23 +910,93 @@ def _state_key(name: str) -> str:
     return key if len(key) <= 32 else "~" + hashlib.sha1(name.encode()).hexdigest()[:31]
 
 
-def _load(session: Session, keys: list[str]) -> dict[str, dict[str, Any]]:
-    if not keys:
-        return {}
-    rows = session.execute(select(trend_state.c.tractor_id, trend_state.c.state)
-                           .where(trend_state.c.tractor_id.in_(keys)))
-    return {k: (st if isinstance(st, dict) else json.loads(st)) for k, st in rows}
+LIVE = ("wm", "dd", "open")  # the per-sample part of a tractor's state: ``trend_state.live``, written every batch
+STATE_CACHE_SIZE = 50_000  # decoded states a worker process keeps between batches (per database)
+_state_cache: dict[str, OrderedDict[str, tuple[int, dict[str, Any]]]] = {}
 
 
-def _save(session: Session, states: dict[str, dict[str, Any]], existing: set[str]) -> None:
-    now = datetime.now(UTC)
-    fresh = [{"tractor_id": k, "state": st, "updated_at": now} for k, st in states.items() if k not in existing]
-    if fresh:
-        session.execute(insert(trend_state), fresh)
-    changed = [{"key": k, "state": st, "updated_at": now} for k, st in states.items() if k in existing]
-    if changed:  # one executemany, not a round trip per tractor
-        session.execute(update(trend_state).where(trend_state.c.tractor_id == bindparam("key"))
-                        .values(state=bindparam("state"), updated_at=bindparam("updated_at")), changed)
+def _decode(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    return value if isinstance(value, dict) else json.loads(value)
+
+
+class StateStore:
+    """Tractor and partition states of ``trend_state`` for one batch, through the worker's cache.
+
+    A state is taken from the cache only while its row's ``generation`` still equals the token this process
+    wrote, so a rebalance, another worker or a rolled-back batch can never hand back a stale state. Entries
+    are taken out of the cache while a batch works on them and put back with their new token when saved
+    (in the batch's transaction: if it rolls back, the stored token differs and the next batch reloads).
+    """
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        url = session.get_bind().url.render_as_string(hide_password=False)
+        self.cache = _state_cache.setdefault(url, OrderedDict())
+        self.stored: set[str] = set()  # keys with a row in the table
+        self.legacy: set[str] = set()  # rows written before 0003 (everything in ``state``)
+        self.hits = 0
+
+    def load(self, keys: list[str]) -> dict[str, dict[str, Any]]:
+        """States of the keys that have a row (cache when current, else one query for the rest)."""
+        if not keys:
+            return {}
+        c = trend_state.c
+        tokens = dict(self.session.execute(select(c.tractor_id, c.generation).where(c.tractor_id.in_(keys))).all())
+        out: dict[str, dict[str, Any]] = {}
+        missing: list[str] = []
+        for k in keys:
+            hit = self.cache.pop(k, None)
+            if k not in tokens:
+                continue
+            self.stored.add(k)
+            if hit is not None and tokens[k] and hit[0] == tokens[k]:
+                out[k] = hit[1]
+            else:
+                missing.append(k)
+        self.hits += len(out)
+        if missing:
+            rows = self.session.execute(select(c.tractor_id, c.state, c.live).where(c.tractor_id.in_(missing)))
+            for k, state, live in rows:
+                st = _decode(state) or {}
+                extra = _decode(live)
+                if extra is None:
+                    self.legacy.add(k)
+                else:
+                    st.update(extra)
+                out[k] = st
+        return out
+
+    def save(self, states: dict[str, dict[str, Any]], slow_changed: set[str]) -> None:
+        """Write the states: ``live`` always, ``state`` too for new, legacy and ``slow_changed`` keys."""
+        now = datetime.now(UTC)
+        fresh: list[dict[str, Any]] = []
+        full: list[dict[str, Any]] = []
+        live: list[dict[str, Any]] = []
+        for k, st in states.items():
+            token = secrets.randbits(62) + 1
+            row = {"live": {f: st[f] for f in LIVE if f in st}, "generation": token, "updated_at": now}
+            if k not in self.stored or k in self.legacy or k in slow_changed:
+                row["state"] = {f: v for f, v in st.items() if f not in LIVE}
+                if k in self.stored:
+                    full.append({"key": k, **row})
+                else:
+                    fresh.append({"tractor_id": k, **row})
+            else:
+                live.append({"key": k, **row})
+            self.cache[k] = (token, st)
+        c = trend_state.c
+        if fresh:
+            self.session.execute(insert(trend_state), fresh)
+        for rows, cols in ((full, ("state", "live", "generation", "updated_at")),
+                           (live, ("live", "generation", "updated_at"))):
+            if rows:  # one executemany, not a round trip per tractor
+                self.session.execute(update(trend_state).where(c.tractor_id == bindparam("key"))
+                                     .values({col: bindparam(col) for col in cols}), rows)
+        self.stored.update(states)
+        while len(self.cache) > STATE_CACHE_SIZE:
+            self.cache.popitem(last=False)
 
 
 def _upsert_health(session: Session, rows: list[dict[str, Any]]) -> None:
@@ -942,6 +1020,19 @@ def _upsert_health(session: Session, rows: list[dict[str, Any]]) -> None:
             session.execute(insert(part_health).values(**row))
 
 
+_detectors: dict[tuple[int, Params], Detector] = {}
+
+
+def _detector(parts: list[Part], params: Params) -> Detector:
+    """The detector for a catalog and params (kept while both stay the same objects/values)."""
+    key = (id(parts), params)
+    det = _detectors.get(key)
+    if det is None or det.parts is not parts:
+        _detectors.clear()
+        det = _detectors[key] = Detector(parts, params)
+    return det
+
+
 def handler(event: dict[str, Any], context: Context) -> None:
     """Update windows and trends for a batch of telemetry; write trend rows and part health; emit wear alerts."""
     session = context.session
@@ -951,20 +1042,18 @@ def handler(event: dict[str, Any], context: Context) -> None:
     frame = flatten(records)
     if frame.empty:
         return
-    detector = Detector(load_parts(session), params)
+    detector = _detector(load_parts(session), params)
     tids = sorted(frame["tractor_id"].unique().tolist())
     part_keys = {_state_key(p): p for p in frame["partition"].unique().tolist()}
-    loaded = _load(session, tids + list(part_keys))
+    store = StateStore(session)
+    loaded = store.load(tids + list(part_keys))
     states = {t: loaded.get(t) or new_state() for t in tids}
     partitions = {p: loaded.get(k) or {"wm": 0.0, "open": {}} for k, p in part_keys.items()}
-    replaced = apply_replacements(session, detector, states)
-    extra: set[str] = set()
+    reset: set[str] = set()
+    replaced = apply_replacements(session, detector, states, reset)
 
     def load_state(tid: str) -> dict[str, Any] | None:
-        got = _load(session, [tid]).get(tid)
-        if got is not None:
-            extra.add(tid)
-        return got
+        return store.load([tid]).get(tid)
 
     out = detector.process(frame, states, partitions, load_state)
     if out.windows:
@@ -972,12 +1061,15 @@ def handler(event: dict[str, Any], context: Context) -> None:
     _upsert_health(session, list(out.health.values()))
     for alert in out.alerts:
         context.emit(ALERT_TOPIC, alert["tractor_id"], alert)
-    existing = set(loaded) | extra
-    _save(session, states, existing)
-    _save(session, {_state_key(p): ps for p, ps in partitions.items()}, existing)
+    # Only closing a window (trends, regression, episodes) or a replacement changes a state's slow part.
+    slow = reset | {w["tractor_id"] for w in out.windows}
+    store.save(states, slow)
+    part_states = {_state_key(p): ps for p, ps in partitions.items()}
+    store.save(part_states, set(part_states))
     for name, value in out.counters.items():
         context.metrics.incr(name, value)
     context.metrics.incr("windows_closed", len(out.windows))
     context.metrics.incr("alerts", len(out.alerts))
+    context.metrics.incr("state_cache_hits", store.hits)
     if replaced:
         context.metrics.incr("replacements_applied", replaced)
