@@ -401,12 +401,20 @@ class Detector:
 
     def aggregate(self, frame: pd.DataFrame, states: dict[str, dict[str, Any]], signals: list[str],
                   tids: list[str], out: Outputs) -> tuple[np.ndarray, np.ndarray]:
-        """Window accumulators of the batch keyed (tractor index, window start, signal index); numpy per signal."""
-        codes = pd.Index(tids).get_indexer(frame["tractor_id"])
+        """Window accumulators of the batch keyed (tractor index, window start, signal index); numpy per signal.
+
+        The rows are put in (tractor, window) order once; each signal then sums its finite readings per group
+        with ``reduceat`` (in arrival order within a group, as one sort over every signal would).
+        """
+        if not len(frame):
+            return np.zeros((0, 3), dtype=np.int64), np.zeros((0, self.width))
+        codes = pd.Index(tids).get_indexer(frame["tractor_id"]).astype(np.int64)
         w = (np.floor(frame["ts"].to_numpy() / self.params.window_s) * self.params.window_s).astype(np.int64)
+        order = _sort_order(np.column_stack([codes, w]))
+        codes, w = codes[order], w[order]
         keys, accs = [], []
         d, kmax = self.d, self.kmax
-        data = {c: frame[c].to_numpy(dtype=np.float64) for c in frame.columns if c not in META}
+        data = {c: frame[c].to_numpy(dtype=np.float64)[order] for c in frame.columns if c not in META}
         for si, sig in enumerate(signals):
             if sig not in data:
                 continue
@@ -415,53 +423,73 @@ class Detector:
             if not len(rows):
                 continue
             yv = y[rows]
+            c = codes[rows]
+            wr = w[rows]
+            new = np.ones(len(rows), dtype=bool)
+            new[1:] = (c[1:] != c[:-1]) | (wr[1:] != wr[:-1])
+            starts = np.flatnonzero(new)
+            ch = self.channels.get(sig)
+            if ch is None:  # a plain signal: only the moments of the raw value
+                a = np.empty((len(rows), 5))
+                a[:, N] = 1.0
+                a[:, SUM] = yv
+                a[:, SUMSQ] = yv * yv
+                a[:, LO] = yv
+                a[:, HI] = yv
+                red = np.zeros((len(starts), self.width))
+                red[:, :LO] = np.add.reduceat(a[:, :LO], starts, axis=0)
+                red[:, LO] = np.minimum.reduceat(yv, starts)
+                red[:, HI] = np.maximum.reduceat(yv, starts)
+                keys.append(np.column_stack([c[starts], wr[starts], np.full(len(starts), si)]))
+                accs.append(red)
+                continue
             a = np.zeros((len(rows), self.width))
             a[:, N] = 1.0
             a[:, SUM] = yv
             a[:, SUMSQ] = yv * yv
             a[:, LO] = yv
             a[:, HI] = yv
-            ch = self.channels.get(sig)
 
             def column(name: str, rows: np.ndarray = rows) -> np.ndarray:
                 if name not in data:
                     return np.full(len(rows), np.nan)
                 return data[name][rows]
 
-            if ch is not None:
-                z = np.zeros((len(rows), d))
-                z[:, 0] = 1.0
-                ok = np.ones(len(rows), dtype=bool)
-                for j, cov in enumerate(ch.covariates):
-                    x = column(cov)
-                    z[:, 1 + j] = x - ch.refs[j]
-                    ok &= np.isfinite(x)
-                for cov, lo, hi in ch.band:
-                    x = column(cov)
-                    ok &= (x >= lo) & (x <= hi)
-                if ch.log:
-                    ok &= yv > 0
-                    yt = np.log(np.where(yv > 0, yv, 1.0))
-                else:
-                    yt = yv
-                if ch.relative_to is not None:  # e.g. temperature rise over ambient, at the reference ambient
-                    cond = column(ch.relative_to[0])
-                    ok &= np.isfinite(cond)
-                    yt = yt - np.nan_to_num(cond) + ch.relative_to[1]
-                z[:, kmax + 1] = yt
-                level, beta, width = self._gate_arrays(ch, tids, states)
-                c = codes[rows]
-                pred = level[c] + (np.nan_to_num(z[:, 1:1 + ch.k]) * beta[c, :ch.k]).sum(axis=1)
-                rej = ok & (np.abs(yt - pred) > width[c])
-                used = ok & ~rej
-                z[~used] = 0.0
-                a[:, BASE:] = (z[:, :, None] * z[:, None, :]).reshape(len(rows), d * d)
-                a[:, N_USED] = used
-                a[:, N_REJ] = rej
-                a[:, SUM_REJ] = np.where(rej, yt, 0.0)
-                out.count("samples_rejected", int(rej.sum()))
-            keys.append(np.column_stack([codes[rows], w[rows], np.full(len(rows), si)]))
-            accs.append(a)
+            z = np.zeros((len(rows), d))
+            z[:, 0] = 1.0
+            ok = np.ones(len(rows), dtype=bool)
+            for j, cov in enumerate(ch.covariates):
+                x = column(cov)
+                z[:, 1 + j] = x - ch.refs[j]
+                ok &= np.isfinite(x)
+            for cov, lo, hi in ch.band:
+                x = column(cov)
+                ok &= (x >= lo) & (x <= hi)
+            if ch.log:
+                ok &= yv > 0
+                yt = np.log(np.where(yv > 0, yv, 1.0))
+            else:
+                yt = yv
+            if ch.relative_to is not None:  # e.g. temperature rise over ambient, at the reference ambient
+                cond = column(ch.relative_to[0])
+                ok &= np.isfinite(cond)
+                yt = yt - np.nan_to_num(cond) + ch.relative_to[1]
+            z[:, kmax + 1] = yt
+            level, beta, width = self._gate_arrays(ch, tids, states)
+            pred = level[c] + (np.nan_to_num(z[:, 1:1 + ch.k]) * beta[c, :ch.k]).sum(axis=1)
+            rej = ok & (np.abs(yt - pred) > width[c])
+            used = ok & ~rej
+            z[~used] = 0.0
+            a[:, BASE:] = (z[:, :, None] * z[:, None, :]).reshape(len(rows), d * d)
+            a[:, N_USED] = used
+            a[:, N_REJ] = rej
+            a[:, SUM_REJ] = np.where(rej, yt, 0.0)
+            out.count("samples_rejected", int(rej.sum()))
+            red = np.add.reduceat(a, starts, axis=0)
+            red[:, LO] = np.minimum.reduceat(yv, starts)
+            red[:, HI] = np.maximum.reduceat(yv, starts)
+            keys.append(np.column_stack([c[starts], wr[starts], np.full(len(starts), si)]))
+            accs.append(red)
         if not keys:
             return np.zeros((0, 3), dtype=np.int64), np.zeros((0, self.width))
         return _reduce(np.concatenate(keys), np.concatenate(accs))
