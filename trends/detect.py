@@ -160,20 +160,13 @@ def _unpack(s: str, width: int) -> np.ndarray:
 META = ("partition", "tractor_id", "seq", "ts")
 
 
-def _reading_columns(readings: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """Signal columns (float64, NaN = absent) of the samples' readings, in the order the names first appear.
+def _reading_columns(blocks: dict[tuple[str, ...], tuple[list[int], list[list[Any]]]], n: int,
+                     readings: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Signal columns (float64, NaN = absent) from blocks of samples sharing one set of signal names.
 
-    Samples sharing one set of signal names (nearly all of them) become one block through a single numpy
-    conversion; a block with a value numpy cannot read as a number goes through pandas' coercion instead.
+    A block (nearly always one) becomes a matrix through a single numpy conversion; a block holding a value
+    numpy cannot read as a number goes through pandas' coercion instead (``readings`` are the samples' dicts).
     """
-    n = len(readings)
-    blocks: dict[tuple[str, ...], tuple[list[int], list[list[Any]]]] = {}
-    for i, rd in enumerate(readings):
-        block = blocks.get(names := tuple(rd))
-        if block is None:
-            block = blocks[names] = ([], [])
-        block[0].append(i)
-        block[1].append(list(rd.values()))
     columns: dict[str, np.ndarray] = {}
     for names, (rows, values) in blocks.items():
         if not names:
@@ -214,6 +207,8 @@ def flatten(records: list[dict[str, Any]]) -> pd.DataFrame:
     seq: list[int] = []
     ts: list[Any] = []
     readings: list[dict[str, Any]] = []
+    blocks: dict[tuple[str, ...], tuple[list[int], list[list[Any]]]] = {}
+    labels: dict[tuple[Any, Any], str] = {}
     for r in records:
         msg = r.get("json")
         if not isinstance(msg, dict):
@@ -222,19 +217,22 @@ def flatten(records: list[dict[str, Any]]) -> pd.DataFrame:
         tid, s = msg.get("tractor_id"), msg.get("seq")
         if not isinstance(samples, list) or not isinstance(tid, str) or not isinstance(s, int):
             continue
-        p = f"{r.get('topic', '')}-{r.get('partition', 0)}"
-        n = len(samples)
-        if n == 1:
+        tp = (r.get("topic", ""), r.get("partition", 0))
+        p = labels.get(tp)
+        if p is None:
+            p = labels[tp] = f"{tp[0]}-{tp[1]}"
+        for sample in samples:
             part.append(p)
             tractor.append(tid)
             seq.append(s)
-        else:
-            part += [p] * n
-            tractor += [tid] * n
-            seq += [s] * n
-        for sample in samples:
             ts.append(sample.get("ts", ""))
-            readings.append(sample.get("readings") or {})
+            rd = sample.get("readings") or {}
+            block = blocks.get(names := tuple(rd))
+            if block is None:
+                block = blocks[names] = ([], [])
+            block[0].append(len(readings))
+            block[1].append(list(rd.values()))
+            readings.append(rd)
     # Parse each distinct timestamp once (a fleet on synchronised clocks shares them).
     codes, uniq = pd.factorize(pd.Series(ts, dtype="object"), use_na_sentinel=False)
     parsed = pd.to_datetime(pd.Series(uniq, dtype="string"), utc=True, format="ISO8601", errors="coerce")
@@ -245,7 +243,7 @@ def flatten(records: list[dict[str, Any]]) -> pd.DataFrame:
     columns: dict[str, Any] = {"partition": np.asarray(part, dtype=object),
                                "tractor_id": np.asarray(tractor, dtype=object),
                                "seq": np.asarray(seq, dtype=np.int64), "ts": t}
-    for name, col in _reading_columns(readings).items():
+    for name, col in _reading_columns(blocks, len(readings), readings).items():
         if name not in columns:
             columns[name] = col
     if not good.all():
