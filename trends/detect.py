@@ -24,6 +24,7 @@ import pandas as pd
 from sqlalchemy import bindparam, insert, inspect, select, text, update
 from sqlalchemy.orm import Session
 
+from fleetwatch.settings import Settings
 from functions.model import Context
 from trends.maths import Trend, cusum_step, fit_trend, forecast, health, solve_normaliser
 from trends.tables import part_health, trend_state, trend_windows
@@ -937,7 +938,7 @@ def _state_key(name: str) -> str:
 
 
 LIVE = ("wm", "dd", "open")  # the per-sample part of a tractor's state: ``trend_state.live``, written every batch
-STATE_CACHE_SIZE = 50_000  # decoded states a worker process keeps between batches (per database)
+STATE_CACHE_SIZE = Settings().trends_state_cache  # decoded states a worker keeps between batches, per database
 _state_cache: dict[str, OrderedDict[str, tuple[int, dict[str, Any]]]] = {}
 
 
@@ -1011,7 +1012,8 @@ class StateStore:
                     fresh.append({"tractor_id": k, **row})
             else:
                 live.append({"key": k, **row})
-            self.cache[k] = (token, st)
+            if STATE_CACHE_SIZE > 0:
+                self.cache[k] = (token, st)
         c = trend_state.c
         if fresh:
             self.session.execute(insert(trend_state), fresh)
