@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     trend_history_windows: int = 48
     trend_min_windows: int = 8
     trend_safety_margin_h: float = 48.0
+    # Decoded tractor states a trends-detect worker keeps between batches (0 = none); about 0.1 MB each once a
+    # tractor has weeks of history, so 10,000 is up to ~1 GB per worker process.
+    trends_state_cache: int = 10_000
 
     functions_file: Path | None = Field(default=None)
 

@@ -11,8 +11,10 @@ import base64
 import hashlib
 import json
 import math
+import secrets
 import statistics
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -22,6 +24,7 @@ import pandas as pd
 from sqlalchemy import bindparam, insert, inspect, select, text, update
 from sqlalchemy.orm import Session
 
+from fleetwatch.settings import Settings
 from functions.model import Context
 from trends.maths import Trend, cusum_step, fit_trend, forecast, health, solve_normaliser
 from trends.tables import part_health, trend_state, trend_windows
@@ -155,13 +158,58 @@ def _unpack(s: str, width: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ flatten
+META = ("partition", "tractor_id", "seq", "ts")
+
+
+def _reading_columns(blocks: dict[tuple[str, ...], tuple[list[int], list[list[Any]]]], n: int,
+                     readings: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Signal columns (float64, NaN = absent) from blocks of samples sharing one set of signal names.
+
+    A block (nearly always one) becomes a matrix through a single numpy conversion; a block holding a value
+    numpy cannot read as a number goes through pandas' coercion instead (``readings`` are the samples' dicts).
+    """
+    columns: dict[str, np.ndarray] = {}
+    for names, (rows, values) in blocks.items():
+        if not names:
+            continue
+        arr: np.ndarray | None = None
+        if len(set(names)) == len(names):
+            try:
+                arr = np.array(values)
+            except (TypeError, ValueError):  # ragged or unreadable values
+                arr = None
+            if arr is not None and (arr.dtype.kind not in "biuf" or arr.ndim != 2):
+                arr = None
+        if arr is None:
+            coerced = pd.DataFrame.from_records([readings[i] for i in rows]).apply(pd.to_numeric, errors="coerce")
+            block_cols = {str(c): coerced[c].to_numpy(dtype=np.float64) for c in coerced.columns}
+        else:
+            arr = arr.astype(np.float64)
+            block_cols = {name: arr[:, j] for j, name in enumerate(names)}
+        idx = np.asarray(rows, dtype=np.int64)
+        whole = len(rows) == n
+        for name, col in block_cols.items():
+            if whole and name not in columns:
+                columns[name] = col
+                continue
+            target = columns.get(name)
+            if target is None:
+                target = columns[name] = np.full(n, np.nan)
+            elif whole:
+                target = columns[name] = target.copy()
+            target[idx] = col
+    return columns
+
+
 def flatten(records: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per sample: partition, tractor_id, seq, ts (epoch s) and one column per signal (NaN = absent)."""
     part: list[str] = []
     tractor: list[str] = []
     seq: list[int] = []
-    ts: list[str] = []
-    readings: list[dict[str, float]] = []
+    ts: list[Any] = []
+    readings: list[dict[str, Any]] = []
+    blocks: dict[tuple[str, ...], tuple[list[int], list[list[Any]]]] = {}
+    labels: dict[tuple[Any, Any], str] = {}
     for r in records:
         msg = r.get("json")
         if not isinstance(msg, dict):
@@ -170,23 +218,38 @@ def flatten(records: list[dict[str, Any]]) -> pd.DataFrame:
         tid, s = msg.get("tractor_id"), msg.get("seq")
         if not isinstance(samples, list) or not isinstance(tid, str) or not isinstance(s, int):
             continue
-        p = f"{r.get('topic', '')}-{r.get('partition', 0)}"
-        n = len(samples)
-        part += [p] * n
-        tractor += [tid] * n
-        seq += [s] * n
+        tp = (r.get("topic", ""), r.get("partition", 0))
+        p = labels.get(tp)
+        if p is None:
+            p = labels[tp] = f"{tp[0]}-{tp[1]}"
         for sample in samples:
+            part.append(p)
+            tractor.append(tid)
+            seq.append(s)
             ts.append(sample.get("ts", ""))
-            readings.append(sample.get("readings") or {})
-    values = pd.DataFrame.from_records(readings) if readings else pd.DataFrame()
-    values = values.apply(pd.to_numeric, errors="coerce") if len(values.columns) else values
-    frame = pd.DataFrame({"partition": part, "tractor_id": tractor, "seq": np.asarray(seq, dtype=np.int64),
-                          "ts": pd.to_datetime(pd.Series(ts, dtype="string"), utc=True, format="ISO8601",
-                                               errors="coerce")})
-    frame["ts"] = frame["ts"].dt.as_unit("ms").astype("int64") / 1e3
-    frame.loc[frame["ts"] < -1e11, "ts"] = np.nan  # NaT
-    frame = pd.concat([frame, values.astype(np.float64)], axis=1)
-    return frame[frame["ts"].notna()].reset_index(drop=True)
+            rd = sample.get("readings") or {}
+            block = blocks.get(names := tuple(rd))
+            if block is None:
+                block = blocks[names] = ([], [])
+            block[0].append(len(readings))
+            block[1].append(list(rd.values()))
+            readings.append(rd)
+    # Parse each distinct timestamp once (a fleet on synchronised clocks shares them).
+    codes, uniq = pd.factorize(pd.Series(ts, dtype="object"), use_na_sentinel=False)
+    parsed = pd.to_datetime(pd.Series(uniq, dtype="string"), utc=True, format="ISO8601", errors="coerce")
+    epoch = parsed.dt.as_unit("ms").astype("int64").to_numpy() / 1e3
+    epoch[epoch < -1e11] = np.nan  # NaT
+    t = epoch[codes] if len(codes) else np.zeros(0)
+    good = ~np.isnan(t)
+    columns: dict[str, Any] = {"partition": np.asarray(part, dtype=object),
+                               "tractor_id": np.asarray(tractor, dtype=object),
+                               "seq": np.asarray(seq, dtype=np.int64), "ts": t}
+    for name, col in _reading_columns(blocks, len(readings), readings).items():
+        if name not in columns:
+            columns[name] = col
+    if not good.all():
+        columns = {k: v[good] for k, v in columns.items()}
+    return pd.DataFrame(columns, copy=False)
 
 
 # ------------------------------------------------------------------------------------------ outputs
@@ -206,18 +269,40 @@ class Outputs:
 
 def new_state() -> dict[str, Any]:
     """Empty per-tractor state."""
-    return {"wm": 0.0, "seqs": [], "open": None, "sig": {}, "episodes": {}, "replaced": {}}
+    return {"wm": 0.0, "dd": None, "open": None, "sig": {}, "episodes": {}, "replaced": {}}
+
+
+def _groups(values: np.ndarray) -> list[tuple[Any, np.ndarray]]:
+    """(value, row indices) for each distinct value, in order of first appearance."""
+    codes, uniq = pd.factorize(values)
+    order = np.argsort(codes, kind="stable")
+    bounds = np.cumsum(np.bincount(codes, minlength=len(uniq)))[:-1]
+    return list(zip(uniq.tolist(), np.split(order, bounds), strict=True))
+
+
+def _sort_order(keys: np.ndarray) -> np.ndarray:
+    """Stable lexicographic order of integer key rows (what ``np.lexsort`` of the reversed columns gives)."""
+    lo = keys.min(axis=0)
+    span = keys.max(axis=0) - lo + 1
+    if float(np.prod(span.astype(np.float64))) < 2.0 ** 62:  # one mixed-radix int64 key sorts faster than lexsort
+        flat = np.zeros(len(keys), dtype=np.int64)
+        for j in range(keys.shape[1]):
+            flat = flat * span[j] + (keys[:, j] - lo[j])
+        return np.argsort(flat, kind="stable")
+    return np.lexsort(keys.T[::-1])
 
 
 def _reduce(keys: np.ndarray, acc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Merge accumulator rows sharing a key (rows of ``keys``): sums add, LO takes min, HI takes max."""
     if len(keys) == 0:
         return keys, acc
-    order = np.lexsort(keys.T[::-1])
+    order = _sort_order(keys)
     keys, acc = keys[order], acc[order]
     new = np.ones(len(keys), dtype=bool)
     new[1:] = (keys[1:] != keys[:-1]).any(axis=1)
     starts = np.flatnonzero(new)
+    if len(starts) == len(keys):
+        return keys, acc
     out = np.add.reduceat(acc, starts, axis=0)
     out[:, LO] = np.minimum.reduceat(acc[:, LO], starts)
     out[:, HI] = np.maximum.reduceat(acc[:, HI], starts)
@@ -237,24 +322,61 @@ class Detector:
         self.decay = 0.5 ** (1.0 / params.halflife_windows)
 
     # -------------------------------------------------------------- ingest
+    def _seen(self, st: dict[str, Any]) -> tuple[int | None, np.ndarray]:
+        """A tractor's dedupe state: highest seq seen and bits of the recent seqs (bit j = seq ``hwm - j`` seen)."""
+        m = self.params.max_seqs
+        dd = st.get("dd")
+        if dd:
+            packed = np.frombuffer(base64.b64decode(dd[1]), dtype=np.uint8)
+            return int(dd[0]), np.unpackbits(packed, count=m).astype(bool)
+        bits = np.zeros(m, dtype=bool)
+        legacy = st.pop("seqs", None)  # states written before the bitmap: a list of the last seqs seen
+        if not legacy:
+            return None, bits
+        hwm = int(max(legacy))
+        off = hwm - np.asarray(legacy, dtype=np.int64)
+        bits[off[off < m]] = True
+        return hwm, bits
+
     def dedupe(self, frame: pd.DataFrame, states: dict[str, dict[str, Any]], out: Outputs) -> pd.DataFrame:
-        """Drop samples of messages already seen (QoS 1 and redelivery duplicates), in and across batches."""
+        """Drop samples of messages already seen (QoS 1 and redelivery duplicates), in and across batches.
+
+        Per tractor the state keeps the highest seq seen and a bitmap of the ``max_seqs`` seqs below it; a seq
+        older than that range counts as seen (its windows are long closed).
+        """
         before = len(frame)
         frame = frame.drop_duplicates(subset=["tractor_id", "seq", "ts"])
         keep = np.ones(len(frame), dtype=bool)
-        tids = frame["tractor_id"].to_numpy()
         seqs = frame["seq"].to_numpy()
-        for tid, idx in pd.Series(np.arange(len(frame))).groupby(tids).indices.items():
+        m = self.params.max_seqs
+        for tid, idx in _groups(frame["tractor_id"].to_numpy()):
             st = states[tid]
-            seen = np.asarray(st["seqs"], dtype=np.int64)
+            hwm, bits = self._seen(st)
             s = seqs[idx]
-            old = np.isin(s, seen)
-            if len(seen) >= self.params.max_seqs:
-                old |= s < seen.min()
-            keep[idx] = ~old
-            fresh = np.unique(s[~old])
-            if len(fresh):
-                st["seqs"] = np.union1d(seen, fresh)[-self.params.max_seqs:].tolist()
+            if hwm is None:
+                fresh = s
+            else:
+                off = hwm - s
+                old = off >= m
+                inside = np.flatnonzero((off >= 0) & ~old)
+                old[inside] = bits[off[inside]]
+                if old.any():
+                    keep[idx[old]] = False
+                    fresh = s[~old]
+                else:
+                    fresh = s
+            if not len(fresh):
+                if hwm is not None and not st.get("dd"):  # keep a legacy list's seqs as the bitmap
+                    st["dd"] = [hwm, base64.b64encode(np.packbits(bits).tobytes()).decode()]
+                continue
+            top = int(fresh.max())
+            if hwm is None or top > hwm:
+                shift = m if hwm is None else min(top - hwm, m)
+                bits = np.concatenate([np.zeros(shift, dtype=bool), bits[:m - shift]])
+                hwm = top
+            off = hwm - fresh
+            bits[off[off < m]] = True
+            st["dd"] = [hwm, base64.b64encode(np.packbits(bits).tobytes()).decode()]
         frame = frame[keep]
         out.count("duplicates_dropped", before - len(frame))
         return frame
@@ -278,66 +400,95 @@ class Detector:
 
     def aggregate(self, frame: pd.DataFrame, states: dict[str, dict[str, Any]], signals: list[str],
                   tids: list[str], out: Outputs) -> tuple[np.ndarray, np.ndarray]:
-        """Window accumulators of the batch keyed (tractor index, window start, signal index); numpy per signal."""
-        codes = pd.Index(tids).get_indexer(frame["tractor_id"])
+        """Window accumulators of the batch keyed (tractor index, window start, signal index); numpy per signal.
+
+        The rows are put in (tractor, window) order once; each signal then sums its finite readings per group
+        with ``reduceat`` (in arrival order within a group, as one sort over every signal would).
+        """
+        if not len(frame):
+            return np.zeros((0, 3), dtype=np.int64), np.zeros((0, self.width))
+        codes = pd.Index(tids).get_indexer(frame["tractor_id"]).astype(np.int64)
         w = (np.floor(frame["ts"].to_numpy() / self.params.window_s) * self.params.window_s).astype(np.int64)
+        order = _sort_order(np.column_stack([codes, w]))
+        codes, w = codes[order], w[order]
         keys, accs = [], []
         d, kmax = self.d, self.kmax
+        data = {c: frame[c].to_numpy(dtype=np.float64)[order] for c in frame.columns if c not in META}
         for si, sig in enumerate(signals):
-            if sig not in frame.columns:
+            if sig not in data:
                 continue
-            y = frame[sig].to_numpy(dtype=np.float64)
+            y = data[sig]
             rows = np.flatnonzero(np.isfinite(y))
             if not len(rows):
                 continue
             yv = y[rows]
+            c = codes[rows]
+            wr = w[rows]
+            new = np.ones(len(rows), dtype=bool)
+            new[1:] = (c[1:] != c[:-1]) | (wr[1:] != wr[:-1])
+            starts = np.flatnonzero(new)
+            ch = self.channels.get(sig)
+            if ch is None:  # a plain signal: only the moments of the raw value
+                a = np.empty((len(rows), 5))
+                a[:, N] = 1.0
+                a[:, SUM] = yv
+                a[:, SUMSQ] = yv * yv
+                a[:, LO] = yv
+                a[:, HI] = yv
+                red = np.zeros((len(starts), self.width))
+                red[:, :LO] = np.add.reduceat(a[:, :LO], starts, axis=0)
+                red[:, LO] = np.minimum.reduceat(yv, starts)
+                red[:, HI] = np.maximum.reduceat(yv, starts)
+                keys.append(np.column_stack([c[starts], wr[starts], np.full(len(starts), si)]))
+                accs.append(red)
+                continue
             a = np.zeros((len(rows), self.width))
             a[:, N] = 1.0
             a[:, SUM] = yv
             a[:, SUMSQ] = yv * yv
             a[:, LO] = yv
             a[:, HI] = yv
-            ch = self.channels.get(sig)
 
             def column(name: str, rows: np.ndarray = rows) -> np.ndarray:
-                if name not in frame.columns:
+                if name not in data:
                     return np.full(len(rows), np.nan)
-                return frame[name].to_numpy(dtype=np.float64)[rows]
+                return data[name][rows]
 
-            if ch is not None:
-                z = np.zeros((len(rows), d))
-                z[:, 0] = 1.0
-                ok = np.ones(len(rows), dtype=bool)
-                for j, cov in enumerate(ch.covariates):
-                    x = column(cov)
-                    z[:, 1 + j] = x - ch.refs[j]
-                    ok &= np.isfinite(x)
-                for cov, lo, hi in ch.band:
-                    x = column(cov)
-                    ok &= (x >= lo) & (x <= hi)
-                if ch.log:
-                    ok &= yv > 0
-                    yt = np.log(np.where(yv > 0, yv, 1.0))
-                else:
-                    yt = yv
-                if ch.relative_to is not None:  # e.g. temperature rise over ambient, at the reference ambient
-                    cond = column(ch.relative_to[0])
-                    ok &= np.isfinite(cond)
-                    yt = yt - np.nan_to_num(cond) + ch.relative_to[1]
-                z[:, kmax + 1] = yt
-                level, beta, width = self._gate_arrays(ch, tids, states)
-                c = codes[rows]
-                pred = level[c] + (np.nan_to_num(z[:, 1:1 + ch.k]) * beta[c, :ch.k]).sum(axis=1)
-                rej = ok & (np.abs(yt - pred) > width[c])
-                used = ok & ~rej
-                z[~used] = 0.0
-                a[:, BASE:] = (z[:, :, None] * z[:, None, :]).reshape(len(rows), d * d)
-                a[:, N_USED] = used
-                a[:, N_REJ] = rej
-                a[:, SUM_REJ] = np.where(rej, yt, 0.0)
-                out.count("samples_rejected", int(rej.sum()))
-            keys.append(np.column_stack([codes[rows], w[rows], np.full(len(rows), si)]))
-            accs.append(a)
+            z = np.zeros((len(rows), d))
+            z[:, 0] = 1.0
+            ok = np.ones(len(rows), dtype=bool)
+            for j, cov in enumerate(ch.covariates):
+                x = column(cov)
+                z[:, 1 + j] = x - ch.refs[j]
+                ok &= np.isfinite(x)
+            for cov, lo, hi in ch.band:
+                x = column(cov)
+                ok &= (x >= lo) & (x <= hi)
+            if ch.log:
+                ok &= yv > 0
+                yt = np.log(np.where(yv > 0, yv, 1.0))
+            else:
+                yt = yv
+            if ch.relative_to is not None:  # e.g. temperature rise over ambient, at the reference ambient
+                cond = column(ch.relative_to[0])
+                ok &= np.isfinite(cond)
+                yt = yt - np.nan_to_num(cond) + ch.relative_to[1]
+            z[:, kmax + 1] = yt
+            level, beta, width = self._gate_arrays(ch, tids, states)
+            pred = level[c] + (np.nan_to_num(z[:, 1:1 + ch.k]) * beta[c, :ch.k]).sum(axis=1)
+            rej = ok & (np.abs(yt - pred) > width[c])
+            used = ok & ~rej
+            z[~used] = 0.0
+            a[:, BASE:] = (z[:, :, None] * z[:, None, :]).reshape(len(rows), d * d)
+            a[:, N_USED] = used
+            a[:, N_REJ] = rej
+            a[:, SUM_REJ] = np.where(rej, yt, 0.0)
+            out.count("samples_rejected", int(rej.sum()))
+            red = np.add.reduceat(a, starts, axis=0)
+            red[:, LO] = np.minimum.reduceat(yv, starts)
+            red[:, HI] = np.maximum.reduceat(yv, starts)
+            keys.append(np.column_stack([c[starts], wr[starts], np.full(len(starts), si)]))
+            accs.append(red)
         if not keys:
             return np.zeros((0, 3), dtype=np.int64), np.zeros((0, self.width))
         return _reduce(np.concatenate(keys), np.concatenate(accs))
@@ -355,7 +506,8 @@ class Detector:
         for tid in frame["tractor_id"].unique().tolist():
             states.setdefault(tid, new_state())
         frame = self.dedupe(frame, states, out)
-        out.count("readings", float(frame.drop(columns=["partition", "tractor_id", "seq", "ts"]).count().sum()))
+        out.count("readings", float(sum(int(np.count_nonzero(~np.isnan(frame[c].to_numpy(dtype=np.float64))))
+                                        for c in frame.columns if c not in META)))
         tids = sorted(states)
         signals = sorted({c for c in frame.columns if c not in ("partition", "tractor_id", "seq", "ts")}
                          | {s for st in states.values() if st["open"] for s in st["open"]["sig"]})
@@ -755,8 +907,12 @@ def _iso(v: Any) -> str:
     return str(v)
 
 
-def apply_replacements(session: Session, detector: Detector, states: dict[str, dict[str, Any]]) -> int:
-    """Reset baselines of parts installed since the state last looked (table owned by ordering; plain SQL)."""
+def apply_replacements(session: Session, detector: Detector, states: dict[str, dict[str, Any]],
+                       reset: set[str] | None = None) -> int:
+    """Reset baselines of parts installed since the state last looked (table owned by ordering; plain SQL).
+
+    The ids of the tractors whose state changed are added to ``reset`` when given.
+    """
     if not states or not _replacements_table(session):
         return 0
     rows = session.execute(text("SELECT tractor_id, part_id, installed_at FROM part_replacements "
@@ -770,6 +926,8 @@ def apply_replacements(session: Session, detector: Detector, states: dict[str, d
             st["replaced"][part_id] = stamp
             detector.reset_part(st, part_id)
             applied += 1
+            if reset is not None:
+                reset.add(tid)
     return applied
 
 
@@ -779,23 +937,94 @@ def _state_key(name: str) -> str:
     return key if len(key) <= 32 else "~" + hashlib.sha1(name.encode()).hexdigest()[:31]
 
 
-def _load(session: Session, keys: list[str]) -> dict[str, dict[str, Any]]:
-    if not keys:
-        return {}
-    rows = session.execute(select(trend_state.c.tractor_id, trend_state.c.state)
-                           .where(trend_state.c.tractor_id.in_(keys)))
-    return {k: (st if isinstance(st, dict) else json.loads(st)) for k, st in rows}
+LIVE = ("wm", "dd", "open")  # the per-sample part of a tractor's state: ``trend_state.live``, written every batch
+STATE_CACHE_SIZE = Settings().trends_state_cache  # decoded states a worker keeps between batches, per database
+_state_cache: dict[str, OrderedDict[str, tuple[int, dict[str, Any]]]] = {}
 
 
-def _save(session: Session, states: dict[str, dict[str, Any]], existing: set[str]) -> None:
-    now = datetime.now(UTC)
-    fresh = [{"tractor_id": k, "state": st, "updated_at": now} for k, st in states.items() if k not in existing]
-    if fresh:
-        session.execute(insert(trend_state), fresh)
-    changed = [{"key": k, "state": st, "updated_at": now} for k, st in states.items() if k in existing]
-    if changed:  # one executemany, not a round trip per tractor
-        session.execute(update(trend_state).where(trend_state.c.tractor_id == bindparam("key"))
-                        .values(state=bindparam("state"), updated_at=bindparam("updated_at")), changed)
+def _decode(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    return value if isinstance(value, dict) else json.loads(value)
+
+
+class StateStore:
+    """Tractor and partition states of ``trend_state`` for one batch, through the worker's cache.
+
+    A state is taken from the cache only while its row's ``generation`` still equals the token this process
+    wrote, so a rebalance, another worker or a rolled-back batch can never hand back a stale state. Entries
+    are taken out of the cache while a batch works on them and put back with their new token when saved
+    (in the batch's transaction: if it rolls back, the stored token differs and the next batch reloads).
+    """
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        url = session.get_bind().url.render_as_string(hide_password=False)
+        self.cache = _state_cache.setdefault(url, OrderedDict())
+        self.stored: set[str] = set()  # keys with a row in the table
+        self.legacy: set[str] = set()  # rows written before 0003 (everything in ``state``)
+        self.hits = 0
+
+    def load(self, keys: list[str]) -> dict[str, dict[str, Any]]:
+        """States of the keys that have a row (cache when current, else one query for the rest)."""
+        if not keys:
+            return {}
+        c = trend_state.c
+        tokens = dict(self.session.execute(select(c.tractor_id, c.generation).where(c.tractor_id.in_(keys))).all())
+        out: dict[str, dict[str, Any]] = {}
+        missing: list[str] = []
+        for k in keys:
+            hit = self.cache.pop(k, None)
+            if k not in tokens:
+                continue
+            self.stored.add(k)
+            if hit is not None and tokens[k] and hit[0] == tokens[k]:
+                out[k] = hit[1]
+            else:
+                missing.append(k)
+        self.hits += len(out)
+        if missing:
+            rows = self.session.execute(select(c.tractor_id, c.state, c.live).where(c.tractor_id.in_(missing)))
+            for k, state, live in rows:
+                st = _decode(state) or {}
+                extra = _decode(live)
+                if extra is None:
+                    self.legacy.add(k)
+                else:
+                    st.update(extra)
+                out[k] = st
+        return out
+
+    def save(self, states: dict[str, dict[str, Any]], slow_changed: set[str]) -> None:
+        """Write the states: ``live`` always, ``state`` too for new, legacy and ``slow_changed`` keys."""
+        now = datetime.now(UTC)
+        fresh: list[dict[str, Any]] = []
+        full: list[dict[str, Any]] = []
+        live: list[dict[str, Any]] = []
+        for k, st in states.items():
+            token = secrets.randbits(62) + 1
+            row = {"live": {f: st[f] for f in LIVE if f in st}, "generation": token, "updated_at": now}
+            if k not in self.stored or k in self.legacy or k in slow_changed:
+                row["state"] = {f: v for f, v in st.items() if f not in LIVE}
+                if k in self.stored:
+                    full.append({"key": k, **row})
+                else:
+                    fresh.append({"tractor_id": k, **row})
+            else:
+                live.append({"key": k, **row})
+            if STATE_CACHE_SIZE > 0:
+                self.cache[k] = (token, st)
+        c = trend_state.c
+        if fresh:
+            self.session.execute(insert(trend_state), fresh)
+        for rows, cols in ((full, ("state", "live", "generation", "updated_at")),
+                           (live, ("live", "generation", "updated_at"))):
+            if rows:  # one executemany, not a round trip per tractor
+                self.session.execute(update(trend_state).where(c.tractor_id == bindparam("key"))
+                                     .values({col: bindparam(col) for col in cols}), rows)
+        self.stored.update(states)
+        while len(self.cache) > STATE_CACHE_SIZE:
+            self.cache.popitem(last=False)
 
 
 def _upsert_health(session: Session, rows: list[dict[str, Any]]) -> None:
@@ -819,6 +1048,19 @@ def _upsert_health(session: Session, rows: list[dict[str, Any]]) -> None:
             session.execute(insert(part_health).values(**row))
 
 
+_detectors: dict[tuple[int, Params], Detector] = {}
+
+
+def _detector(parts: list[Part], params: Params) -> Detector:
+    """The detector for a catalog and params (kept while both stay the same objects/values)."""
+    key = (id(parts), params)
+    det = _detectors.get(key)
+    if det is None or det.parts is not parts:
+        _detectors.clear()
+        det = _detectors[key] = Detector(parts, params)
+    return det
+
+
 def handler(event: dict[str, Any], context: Context) -> None:
     """Update windows and trends for a batch of telemetry; write trend rows and part health; emit wear alerts."""
     session = context.session
@@ -828,20 +1070,18 @@ def handler(event: dict[str, Any], context: Context) -> None:
     frame = flatten(records)
     if frame.empty:
         return
-    detector = Detector(load_parts(session), params)
+    detector = _detector(load_parts(session), params)
     tids = sorted(frame["tractor_id"].unique().tolist())
     part_keys = {_state_key(p): p for p in frame["partition"].unique().tolist()}
-    loaded = _load(session, tids + list(part_keys))
+    store = StateStore(session)
+    loaded = store.load(tids + list(part_keys))
     states = {t: loaded.get(t) or new_state() for t in tids}
     partitions = {p: loaded.get(k) or {"wm": 0.0, "open": {}} for k, p in part_keys.items()}
-    replaced = apply_replacements(session, detector, states)
-    extra: set[str] = set()
+    reset: set[str] = set()
+    replaced = apply_replacements(session, detector, states, reset)
 
     def load_state(tid: str) -> dict[str, Any] | None:
-        got = _load(session, [tid]).get(tid)
-        if got is not None:
-            extra.add(tid)
-        return got
+        return store.load([tid]).get(tid)
 
     out = detector.process(frame, states, partitions, load_state)
     if out.windows:
@@ -849,12 +1089,15 @@ def handler(event: dict[str, Any], context: Context) -> None:
     _upsert_health(session, list(out.health.values()))
     for alert in out.alerts:
         context.emit(ALERT_TOPIC, alert["tractor_id"], alert)
-    existing = set(loaded) | extra
-    _save(session, states, existing)
-    _save(session, {_state_key(p): ps for p, ps in partitions.items()}, existing)
+    # Only closing a window (trends, regression, episodes) or a replacement changes a state's slow part.
+    slow = reset | {w["tractor_id"] for w in out.windows}
+    store.save(states, slow)
+    part_states = {_state_key(p): ps for p, ps in partitions.items()}
+    store.save(part_states, set(part_states))
     for name, value in out.counters.items():
         context.metrics.incr(name, value)
     context.metrics.incr("windows_closed", len(out.windows))
     context.metrics.incr("alerts", len(out.alerts))
+    context.metrics.incr("state_cache_hits", store.hits)
     if replaced:
         context.metrics.incr("replacements_applied", replaced)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, Column, DateTime, Float, Index, Integer, MetaData, String, Table
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Float, Index, Integer, MetaData, String, Table
 
 metadata = MetaData()
 
@@ -49,7 +49,10 @@ part_health = Table(
 
 trend_state = Table(
     "trend_state", metadata,
-    Column("tractor_id", String(32), primary_key=True),
-    Column("state", JSON, nullable=False),
+    Column("tractor_id", String(32), primary_key=True),  # or "~<partition>" for a partition's progress
+    Column("state", JSON, nullable=False),  # trends, regression, episodes: rewritten when a window closes
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("live", JSON, nullable=True),  # watermark, dedupe bitmap, open windows: rewritten every batch (0003)
+    # Random token set on every write: a worker's cached copy is current while the tokens match (0003).
+    Column("generation", BigInteger, nullable=False, server_default="0"),
 )

@@ -1,0 +1,59 @@
+"""The trend function's state handling: cached states between batches equal what the table stores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+
+from functions.model import Context, Metrics
+from tests.trends.test_detect import fleet_records
+from trends.detect import Detector, Params, flatten, handler, load_parts
+from trends.tables import trend_state, trend_windows
+
+
+def test_cached_states_survive_a_rolled_back_batch_and_a_write_by_another_worker(tmp_path: Path) -> None:
+    from fleetwatch.db import upgrade
+    from functions.db import make_engine, make_sessions
+
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = make_sessions(engine)
+    records = fleet_records(8, tractors=3)
+    batches = [records[a:a + 40] for a in range(0, len(records), 40)]
+    with sessions() as session:
+        det = Detector(load_parts(session, max_age_s=0), Params())
+    states: dict[str, Any] = {}
+    partitions: dict[str, Any] = {}
+    windows = 0
+
+    def invoke(batch: list[dict[str, Any]], commit: bool = True) -> Metrics:
+        metrics = Metrics()
+        with sessions() as session:
+            handler({"records": {"telemetry-0": batch}}, Context("trends-detect", 60, session, {}, metrics))
+            session.commit() if commit else session.rollback()
+        return metrics
+
+    for i, batch in enumerate(batches):
+        if i == 5:
+            invoke(batch, commit=False)  # this batch fails at commit: the cache must not keep its effects
+        if i == 9:
+            with sessions() as session:  # another worker (after a rebalance) wrote these rows meanwhile
+                session.execute(update(trend_state).values(generation=trend_state.c.generation + 1))
+                session.commit()
+        metrics = invoke(batch)
+        assert (metrics.counters["state_cache_hits"] == 0) == (i in (0, 5, 9))
+        out = det.process(flatten(batch), states, partitions, states.get)
+        windows += len(out.windows)
+
+    with sessions() as session:
+        rows = session.execute(select(trend_state.c.tractor_id, trend_state.c.state, trend_state.c.live)).all()
+        stored_windows = len(session.execute(select(trend_windows.c.tractor_id)).all())
+    stored = {k: {**state, **live} for k, state, live in rows}
+    assert stored_windows == windows > 0
+    expected = json.loads(json.dumps({**states, "~telemetry-0": partitions["telemetry-0"]}))
+    assert stored == expected
+    engine.dispose()
