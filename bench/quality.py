@@ -204,8 +204,9 @@ def score(path: Path, params: Params, every: bool) -> dict[str, Any]:
     for o in report.false_orders:
         a = why_alert[(o.tractor_id, o.part_id)]
         ttf = f"{a['ttf_h']:.0f} h" if a["ttf_h"] is not None else "—"
+        on_signal = faults.get((o.tractor_id, signal_of[o.part_id]), [])
         print(f"    false: {o.tractor_id} {o.part_id} at {o.detected_at:%Y-%m-%d %H:%M} ({a['reason']}, progress "
-              f"{a['progress']:.2f}, ttf {ttf}) faults on signal: {faults.get((o.tractor_id, signal_of[o.part_id]), [])}")
+              f"{a['progress']:.2f}, ttf {ttf}) faults on signal: {on_signal}")
     return {"recall": report.recall, "on_time": report.on_time_rate, "on_time_feasible": report.on_time_feasible_rate,
             "false_per_1000": report.false_per_1000, "false": len(report.false_orders)}
 
