@@ -130,7 +130,9 @@ class Params:
     min_progress: float = 0.25  # share of the way from baseline to failure before any alert
     growth_days: int = 5  # days the accelerating-wear fit (log of progress) looks back over; < 3 turns it off
     growth_floor: float = 0.05  # progress below this is noise to the log fit (those days are left out)
-    growth_progress: float = 0.2  # share of the way to failure before the growth fit may alert
+    growth_progress: float = 0.2  # share of the way to failure before the growth fit may alert…
+    single_look_sigmas: float = 0.0  # a slope alert needs one look (not confirm_days) this many wanders out
+    growth_sigmas: float = 0.0  # …and at least this many day-trend residual scales (noisy signals wait longer)
     offset_share: float = 0.15  # a deviation under this share of nominal may be a calibration step: needs a slope
     step_progress: float = 0.6  # a level held this far toward failure alerts even without a slope
     lead_factor: float = 2.5
@@ -696,8 +698,13 @@ class Detector:
         # A level held far toward failure over the recent windows (sudden-onset wear). A deviation from the
         # baseline no larger than a sensor calibration error could be one (an offset holds still): it counts only
         # while the window trend also keeps moving toward failure, as wear does after its sudden onset.
-        held = trend is not None and progress >= p.step_progress and trend.n >= p.min_windows_after_change
-        beyond_offset = abs(latest.level - base) >= p.offset_share * abs(part.nominal)
+        # The held level is the median of the latest windows, not the line's end: a line through a few windows
+        # either side of a days-long gap extrapolates a morning warm-up far beyond anything measured.
+        recent = [v for _, v in cs["hist"][-p.min_windows_after_change:]]
+        held_level = statistics.median(recent) if recent else latest.level
+        held = trend is not None and progress_of(held_level) >= p.step_progress \
+            and trend.n >= p.min_windows_after_change
+        beyond_offset = abs(held_level - base) >= p.offset_share * abs(part.nominal)
         if held and not beyond_offset:
             tfc = forecast(trend, part.failure, part.direction)
             held = min(sign * trend.slope_lo, sign * trend.slope_hi) > 0 and tfc.expected is not None \
@@ -719,13 +726,17 @@ class Detector:
                 slope_rule = True
                 fc = cfc if cand is rtrend and (fc.expected is None or (cfc.expected or 0) < fc.expected) else fc
         days = cs.get("days") or []
+        # How much the day values wander on their own, as a share of the way to failure.
+        wander = (dtrend.scale if dtrend else 0.0) / abs(part.failure - base)
         if day_closed and len(days) >= p.min_days and p.growth_days >= 3:
             # Accelerating wear: a line through log(progress) over the last days (exponential growth toward
             # failure) forecasts what a straight line in signal units sees late; for linear wear it errs early.
             darr = np.asarray(days[-p.growth_days:], dtype=np.float64)
             grow = fit_growth(darr[:, 0], sign * (darr[:, 1] - base) / (sign * (part.failure - base)),
                               p.growth_floor)
-            if grow is not None and grow.slope_lo > 0 and progress_of((dtrend or latest).level) >= p.growth_progress:
+            # How far along counts as "on its way" scales with that wander.
+            needed = max(p.growth_progress, p.growth_sigmas * wander)
+            if grow is not None and grow.slope_lo > 0 and progress_of((dtrend or latest).level) >= needed:
                 gfc = growth_forecast(grow)
                 if gfc.expected is not None and gfc.expected <= horizon:
                     slope_rule = True
@@ -736,6 +747,9 @@ class Detector:
         ok[0] = ok[0] + 1 if held else 0
         if day_closed:
             ok[1] = ok[1] + 1 if slope_rule else 0
+            if slope_rule and p.single_look_sigmas > 0 and wander > 0 \
+                    and progress_of((dtrend or latest).level) >= p.single_look_sigmas * wander:
+                ok[1] = max(ok[1], p.confirm_days)  # far beyond the day-to-day wander: one look is enough
         # A held step larger than any calibration error is wear at once (the gate already saw it held); others confirm.
         alerting = ok[0] >= (1 if beyond_offset else p.confirm) or ok[1] >= p.confirm_days
         level = (dtrend or latest).level
