@@ -120,9 +120,11 @@ def print_report(report: Any, title: str) -> None:
     for k, v in report.rows():
         table.add_row(k, v)
     console.print(table)
-    kinds = Table("wear kind", "episodes", "ordered", "on time", title="by wear kind")
+    kinds = Table("wear kind", "episodes", "ordered", "on time", "on time where the onset allowed it",
+                  title="by wear kind")
     for kind, c in report.by_kind.items():
-        kinds.add_row(kind, str(int(c["episodes"])), str(int(c["ordered"])), str(int(c["on_time"])))
+        kinds.add_row(kind, str(int(c["episodes"])), str(int(c["ordered"])), str(int(c["on_time"])),
+                      f"{int(c['on_time_feasible'])} of {int(c['feasible'])}")
     console.print(kinds)
 
 

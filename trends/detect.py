@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from fleetwatch.settings import Settings
 from functions.model import Context
-from trends.maths import Trend, cusum_step, fit_trend, forecast, health, solve_normaliser
+from trends.maths import Trend, cusum_step, fit_growth, fit_trend, forecast, growth_forecast, health, solve_normaliser
 from trends.tables import part_health, trend_state, trend_windows
 
 ALERT_TOPIC = "wear-alerts"
@@ -119,17 +119,24 @@ class Params:
     recent_days: int = 5  # a second, short fit over the last days catches accelerating wear
     min_days: int = 6  # days needed before a slope counts
     confirm: int = 2  # consecutive window-trend fits that must show a held step before it alerts
-    confirm_days: int = 3  # consecutive day-trend fits that must forecast failure before it alerts
+    confirm_days: int = 2  # consecutive day-trend fits that must forecast failure before it alerts
     halflife_windows: float = 240.0  # memory of the operating-condition regression
     refit_windows: int = 4  # re-solve the regression and re-fit the window trend every so many windows
     min_samples: int = 60  # samples the condition regression needs before windows get a normalised value
     gate_sigmas: float = 8.0  # sample outlier gate, in residual standard deviations…
     gate_span: float = 0.35  # …but never tighter than this share of the nominal→failure span
-    reject_run: int = 6  # windows of only-rejected samples that mean "the level moved"
+    reject_run: int = 3  # windows of only-rejected samples, all on one side, that mean "the level moved"
     noisy_ratio: float = 3.0  # window residual std / usual std above which a window is a noise burst
     cusum_k: float = 1.0
     cusum_h: float = 10.0
+    cusum_floor: float = 0.05  # CUSUM residual scale at least this share of the span (daily warm-up is no step)
     min_progress: float = 0.25  # share of the way from baseline to failure before any alert
+    growth_days: int = 5  # days the accelerating-wear fit (log of progress) looks back over; < 3 turns it off
+    growth_floor: float = 0.05  # progress below this is noise to the log fit (those days are left out)
+    growth_progress: float = 0.2  # share of the way to failure before the growth fit may alert…
+    growth_sigmas: float = 0.0  # …and at least this many day-trend residual scales (noisy signals wait longer)
+    single_look_sigmas: float = 0.0  # one look (not confirm_days) suffices this many wanders out; 0 = off
+    offset_share: float = 0.15  # a deviation under this share of nominal may be a calibration step: needs a slope
     step_progress: float = 0.6  # a level held this far toward failure alerts even without a slope
     lead_factor: float = 2.5
     max_extra_h: float = 120.0
@@ -655,6 +662,7 @@ class Detector:
         norm = None
         if nu >= 1 and "stuck" not in flags:
             cs["rej"] = 0
+            cs["rejv"] = []
             # Plain floats: a window's moment block is at most 4 × 4, numpy calls would cost more than the maths.
             sel = [*range(k + 1), d - 1]
             m = [[a[BASE + i * d + j] for j in sel] for i in sel]
@@ -689,19 +697,61 @@ class Detector:
                 cs["level"] = u
                 if nu < 2:
                     flags.append("sparse")
+        elif a[N_REJ] > 0 and self._within_gate(ch, cs, a[SUM_REJ] / a[N_REJ]):
+            # Gated against a level this batch had not learnt yet (the level moved earlier in the batch): under the
+            # current level these samples pass, so their mean (not condition-normalised) is the window's value.
+            cs["rej"] = 0
+            cs["rejv"] = []
+            norm = ch.untransform(a[SUM_REJ] / a[N_REJ])
+            flags.append("regated")
         elif a[N_REJ] > 0:
             flags.append("rejected")
             cs["rej"] += 1
-            if cs["rej"] >= p.reject_run:  # not spikes: the level really moved; re-learn it from here
-                cs["level"] = None
-                self._change(cs, keep=0)
-                flags.append("change")
+            rejv = cs.setdefault("rejv", [])
+            rejv.append([round(t_h, 4), a[SUM_REJ] / a[N_REJ]])  # the rejected samples' mean, regression space
+            del rejv[:-p.reject_run]
+            if cs["rej"] >= p.reject_run:
+                level = cs["level"]
+                sides = {u > level for _, u in rejv} if level is not None else set()
+                if len(sides) == 1:
+                    # Not spikes and not a noise burst (those scatter both ways): the level really moved to where
+                    # the rejected samples sit (sudden wear, a large calibration step). Gate around the new level
+                    # at once and hand the rejected windows to the trend as a step.
+                    cs["level"] = statistics.median([u for _, u in rejv])
+                    self._relearn(tid, st, cs, ch, [(t, ch.untransform(u)) for t, u in rejv], w, r, out)
+                    flags.append("change")
+                elif level is None:
+                    self._change(cs, keep=0)
+                cs["rej"] = 0
+                cs["rejv"] = []
         r["n_used"] = int(nu)
         if norm is not None:
             r["norm_value"] = norm
             if "sparse" not in flags:
                 self._update_trend(tid, st, cs, ch, t_h, norm, w, flags, r, out)
         r["quality_flags"] = ",".join(flags)
+
+    def _within_gate(self, ch: Channel, cs: dict[str, Any], u: float) -> bool:
+        """True when regression-space value ``u`` passes the sample gate around the channel's current level."""
+        if cs.get("level") is None or cs.get("beta") is None:
+            return False
+        span = max(abs(ch.transform(q.nominal) - ch.transform(q.failure)) for q in ch.parts)
+        return abs(u - cs["level"]) <= max(self.params.gate_sigmas * cs["sigma"], self.params.gate_span * span)
+
+    def _relearn(self, tid: str, st: dict[str, Any], cs: dict[str, Any], ch: Channel, vals: list[tuple[float, float]],
+                 w: int, r: dict[str, Any], out: Outputs) -> None:
+        """A step seen through the sample gate: shift the day history by it, restart the window trend on its windows.
+
+        ``vals`` are (hour, approximate normalised value) of the fully rejected windows that showed the step.
+        """
+        new = statistics.median([v for _, v in vals])
+        prev = cs["hist"][-1][1] if cs["hist"] else None
+        shift = new - prev if prev is not None and cs["base"] is not None else 0.0
+        days = [[t, v + shift] for t, v in cs.get("days", [])]
+        self._change(cs, keep=0)
+        cs["days"] = days
+        for t_h, v in vals:
+            self._update_trend(tid, st, cs, ch, t_h, v, w, [], r, out)
 
     def _change(self, cs: dict[str, Any], keep: int) -> None:
         cs["hist"] = cs["hist"][-keep:] if keep else []
@@ -718,10 +768,11 @@ class Detector:
         """Window-level trend (change detection, held steps) and day-level trend (slope, forecast)."""
         p = self.params
         span = max(abs(q.nominal - q.failure) for q in ch.parts)
-        if cs["trend"] is not None:
+        if cs["trend"] is not None and cs["base"] is not None:
+            # (Before the baseline is learnt there is nothing to shift from: early steps are part of the baseline.)
             lvl, slope, _, _, _, scale, t_fit = cs["trend"]
             pred = lvl + slope * (t_h - t_fit)
-            z = (norm - pred) / max(scale, 0.01 * span)
+            z = (norm - pred) / max(scale, p.cusum_floor * span)
             cs["cp"], cs["cn"] = cusum_step(cs["cp"], cs["cn"], z, p.cusum_k)
             if cs["cp"] > p.cusum_h or cs["cn"] > p.cusum_h:
                 # A step (sensor offset, sudden wear): shift the day history by the step instead of forgetting it,
@@ -796,8 +847,21 @@ class Detector:
         latest = trend or dtrend
         assert latest is not None
         progress = progress_of(latest.level)
-        # A level held far toward failure over the recent windows (sudden-onset wear).
-        held = trend is not None and progress >= p.step_progress and trend.n >= p.min_windows_after_change
+        # A level held far toward failure over the recent windows (sudden-onset wear). A deviation from the
+        # baseline no larger than a sensor calibration error could be one (an offset holds still): it counts only
+        # while the window trend also keeps moving toward failure, as wear does after its sudden onset.
+        # The held level is the median of the latest windows, not the line's end: a line through a few windows
+        # either side of a days-long gap extrapolates a morning warm-up far beyond anything measured.
+        recent = [v for _, v in cs["hist"][-p.min_windows_after_change:]]
+        held_level = statistics.median(recent) if recent else latest.level
+        held = trend is not None and progress_of(held_level) >= p.step_progress \
+            and trend.n >= p.min_windows_after_change
+        beyond_offset = abs(held_level - base) >= p.offset_share * abs(part.nominal)
+        if held and not beyond_offset:
+            tfc = forecast(trend, part.failure, part.direction)
+            held = min(sign * trend.slope_lo, sign * trend.slope_hi) > 0 and tfc.expected is not None \
+                and tfc.expected <= part.lead_time_h + p.margin_h + min((p.lead_factor - 1) * part.lead_time_h,
+                                                                          p.max_extra_h)
         slope_rule = False
         fc = forecast(dtrend or latest, part.failure, part.direction)
         # Order when failure is forecast within the lead time plus a margin that grows with the lead time
@@ -813,12 +877,33 @@ class Detector:
             if progress_of(cand.level) >= p.min_progress and toward and due:
                 slope_rule = True
                 fc = cfc if cand is rtrend and (fc.expected is None or (cfc.expected or 0) < fc.expected) else fc
+        days = cs.get("days") or []
+        # How much the day values wander on their own, as a share of the way to failure.
+        wander = (dtrend.scale if dtrend else 0.0) / abs(part.failure - base)
+        if day_closed and len(days) >= p.min_days and p.growth_days >= 3:
+            # Accelerating wear: a line through log(progress) over the last days (exponential growth toward
+            # failure) forecasts what a straight line in signal units sees late; for linear wear it errs early.
+            darr = np.asarray(days[-p.growth_days:], dtype=np.float64)
+            grow = fit_growth(darr[:, 0], sign * (darr[:, 1] - base) / (sign * (part.failure - base)),
+                              p.growth_floor)
+            # How far along counts as "on its way" scales with that wander.
+            needed = max(p.growth_progress, p.growth_sigmas * wander)
+            if grow is not None and grow.slope_lo > 0 and progress_of((dtrend or latest).level) >= needed:
+                gfc = growth_forecast(grow)
+                if gfc.expected is not None and gfc.expected <= horizon:
+                    slope_rule = True
+                    if fc.expected is None or gfc.expected < fc.expected:
+                        fc = gfc
         # Both rules must hold on consecutive looks: held steps over window fits, slopes over day fits.
         ok = cs.setdefault("ok", {}).setdefault(part.part_id, [0, 0])
         ok[0] = ok[0] + 1 if held else 0
         if day_closed:
             ok[1] = ok[1] + 1 if slope_rule else 0
-        alerting = ok[0] >= p.confirm or ok[1] >= p.confirm_days
+            if slope_rule and p.single_look_sigmas > 0 and wander > 0 \
+                    and progress_of((dtrend or latest).level) >= p.single_look_sigmas * wander:
+                ok[1] = max(ok[1], p.confirm_days)  # far beyond the day-to-day wander: one look is enough
+        # A held step larger than any calibration error is wear at once (the gate already saw it held); others confirm.
+        alerting = ok[0] >= (1 if beyond_offset else p.confirm) or ok[1] >= p.confirm_days
         level = (dtrend or latest).level
         beyond_warning = sign * (level - part.warning) >= 0
         status = "alert" if alerting else ("warning" if beyond_warning or held or slope_rule else "ok")

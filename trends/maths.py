@@ -97,6 +97,30 @@ def fit_trend(t_h: np.ndarray, y: np.ndarray) -> Trend | None:
     return Trend(level=level, slope=slope, slope_lo=slope - half, slope_hi=slope + half, n=n, scale=sigma)
 
 
+def fit_growth(t_h: np.ndarray, progress: np.ndarray, floor: float = 0.05) -> Trend | None:
+    """Exponential growth of wear progress: a Theil–Sen line through log(progress) of the points above ``floor``.
+
+    ``progress`` is the share of the way from the baseline to the failure threshold (1 = failure). The returned
+    trend lives in log-progress space: ``level`` = log(progress) now, ``slope`` = growth rate per hour.
+    """
+    t_h = np.asarray(t_h, dtype=np.float64)
+    progress = np.asarray(progress, dtype=np.float64)
+    keep = progress > floor
+    if keep.sum() < 3:
+        return None
+    return fit_trend(t_h[keep], np.log(progress[keep]))
+
+
+def growth_forecast(growth: Trend) -> Forecast:
+    """Hours until exponential growth (``fit_growth``) reaches progress 1: expected and a 95 % range."""
+    gap = -growth.level
+    if gap <= 0:
+        return Forecast(0.0, 0.0, 0.0)
+    return Forecast(expected=gap / growth.slope if growth.slope > 0 else None,
+                    earliest=gap / growth.slope_hi if growth.slope_hi > 0 else None,
+                    latest=gap / growth.slope_lo if growth.slope_lo > 0 else None)
+
+
 def cusum_step(pos: float, neg: float, z: float, k: float = 0.5, clip: float = 3.0) -> tuple[float, float]:
     """One step of a two-sided CUSUM on a standardised residual ``z`` (clipped so one spike cannot alarm)."""
     z = max(-clip, min(clip, z))

@@ -178,3 +178,35 @@ def test_an_installed_replacement_resets_the_parts_episode_and_baseline(tmp_path
     st = states["T00001"]
     assert "OIL-PUMP" not in st["episodes"]
     assert st["sig"]["oil_pressure_kpa"]["base"] is None and st["sig"]["oil_pressure_kpa"]["days"] == []
+
+
+def test_a_sudden_onset_is_ordered_within_two_working_days_of_its_jump() -> None:
+    # Sudden-onset wear: 70 % of the way to failure within the hour at day 14 (far outside the sample gate),
+    # then on to failure over the next 6 days: a held step that must alert at once, lead time 5 days.
+    onset, failure = 14.0, 20.0
+
+    def level(i: int, t: float) -> float:
+        if i != 0 or t < onset:
+            return 320.0
+        return 320.0 - 170.0 * (0.7 + 0.3 * (t - onset) / (failure - onset))
+
+    _, windows, alerts, _ = run(fleet_records(21, tractors=2, level=level))
+    assert {a["tractor_id"] for a in alerts} == {"T00001"}
+    first = datetime.fromisoformat(alerts[0]["detected_at"])
+    assert first - (START + timedelta(days=onset)) <= timedelta(days=2)
+    assert START + timedelta(days=failure) - first >= timedelta(hours=OIL_PUMP.lead_time_h)
+    assert any("change" in w["quality_flags"] for w in windows if w["tractor_id"] == "T00001")
+
+
+def test_accelerating_wear_is_ordered_before_its_lead_time() -> None:
+    # Exponential wear over 24 days (the simulator's curve): half the way to failure only 4 days before it.
+    onset, failure = 6.0, 30.0
+
+    def level(i: int, t: float) -> float:
+        x = min(max((t - onset) / (failure - onset), 0.0), 1.0) if i == 0 else 0.0
+        return 320.0 - 170.0 * float(np.expm1(4 * x) / np.expm1(4))
+
+    _, _, alerts, _ = run(fleet_records(30, tractors=2, level=level))
+    assert {a["tractor_id"] for a in alerts} == {"T00001"}
+    first = datetime.fromisoformat(alerts[0]["detected_at"])
+    assert START + timedelta(days=failure) - first >= timedelta(hours=OIL_PUMP.lead_time_h)

@@ -8,8 +8,10 @@ import pytest
 from trends.maths import (
     Trend,
     cusum_alarm,
+    fit_growth,
     fit_trend,
     forecast,
+    growth_forecast,
     health,
     moments,
     robust_scale,
@@ -99,3 +101,28 @@ def test_health_and_robust_scale() -> None:
     assert health(235.0, 320.0, 150.0) == pytest.approx(0.5)
     assert health(100.0, 320.0, 150.0) == 0.0
     assert robust_scale(np.array([1.0, 1.0, 1.0, 1.0, 100.0])) == 0.0
+
+
+def test_growth_fit_recovers_a_known_exponential_rate_and_forecasts_its_failure() -> None:
+    rng = np.random.default_rng(3)
+    t = np.arange(0.0, 7 * 24, 24.0)  # seven daily points
+    rate = 0.01  # per hour: progress grows e-fold every 100 h and reaches 1 at t = 240 h
+    progress = np.exp(rate * (t - 240.0)) * (1 + rng.normal(0, 0.01, t.size))
+    growth = fit_growth(t, progress)
+    assert growth is not None
+    assert growth.slope == pytest.approx(rate, rel=0.1)
+    assert growth.slope_lo > 0
+    fc = growth_forecast(growth)
+    assert fc.expected == pytest.approx(240.0 - t[-1], rel=0.15)
+    assert fc.earliest is not None and fc.earliest <= fc.expected
+    # A straight line through the same points sees the failure later: that is what the growth fit is for.
+    line = fit_trend(t, progress)
+    assert line is not None
+    assert forecast(line, 1.0, "rising").expected > fc.expected
+
+
+def test_growth_fit_ignores_points_near_zero_and_needs_three() -> None:
+    t = np.arange(5, dtype=float)
+    assert fit_growth(t, np.array([0.0, 0.01, -0.02, 0.3, 0.4])) is None  # two points above the floor
+    flat = fit_growth(np.arange(8, dtype=float), np.full(8, 0.4) + np.tile([0.01, -0.01], 4))
+    assert flat is not None and flat.slope_lo < 0 < flat.slope_hi  # no growth: the interval straddles zero

@@ -22,10 +22,13 @@ from trends.tables import part_health, trend_windows
 pytestmark = pytest.mark.services
 WORKERS = ["bridge", "fn-trends", "fn-ordering"]
 FLEETWATCH = str(Path(sys.executable).with_name("fleetwatch"))
-# A 30-day fleet leaves little history before its first failures (baselines need 6 days); the in-process
-# replay of this exact fleet gives recall 4/5 and 2 false orders, the real stack must do at least as well.
+# A 30-day fleet leaves little history before its first failures (baselines need 6 days). The in-process
+# replay of this exact fleet (python -m bench.quality record/score --tractors 16 --days 30 --seed 3 --all)
+# orders 3 of its 5 due episodes, all 3 on time, with 1 false order; the 100-tractor × 180-day replay of
+# the same scenario exceeds every bound here (recall 100 %, on time where the onset allowed it 86 %).
 MIN_RECALL = 0.6
-MAX_FALSE_ORDERS = 3
+MIN_ON_TIME_FEASIBLE = 0.6
+MAX_FALSE_ORDERS = 2
 
 
 def test_mixed_wear_fleet_is_ordered_for_and_trend_tables_answer(isolated: Settings, tmp_path: Path, pg_url: str,
@@ -53,6 +56,7 @@ def test_mixed_wear_fleet_is_ordered_for_and_trend_tables_answer(isolated: Setti
     score = json.loads(evaluation.stdout)
     assert score["episodes"] > 0
     assert score["recall"] >= MIN_RECALL, score
+    assert score["on_time_feasible_rate"] >= MIN_ON_TIME_FEASIBLE, score
     assert score["false_orders"] <= MAX_FALSE_ORDERS, score
     assert score["duplicates"] == 0, score
 
