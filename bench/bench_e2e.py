@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import orjson
-import paho.mqtt.client as mqtt
 import psutil
 from sqlalchemy import func, select, text
 
@@ -26,6 +25,7 @@ from fleetwatch.settings import Settings
 from fleetwatch.stack import Stack
 from functions.db import make_engine
 from ordering.tables import orders
+from simulators.publish import Gateway
 
 WORKERS = ["bridge", "fn-trends", "fn-ordering"]
 PARAMS = {"window_s": 10, "lateness_s": 2, "history": 12, "min_windows": 4, "margin_h": 48.0}
@@ -60,28 +60,31 @@ def _credentials(s: Settings) -> tuple[str | None, str | None]:
 
 
 class Publisher:
-    """Real-time gateway publisher: every tractor once per second, QoS 1, event time = wall clock."""
+    """Real-time publisher through the simulator's gateway: every tractor once per second, QoS 1, event time = now.
+
+    The gateway bounds the unacknowledged messages (as the simulator does), so a fleet the box cannot carry makes
+    the publisher fall behind real time, which the result reports, instead of piling up in the MQTT client.
+    """
 
     def __init__(self, s: Settings, tractors: int, degrading: int = 1) -> None:
         user, password = _credentials(s)
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{time.time_ns()}")
-        if user:
-            self.client.username_pw_set(user, password)
-        self.client.max_inflight_messages_set(2000)
-        self.client.max_queued_messages_set(0)
-        self.acked = 0
-        self.client.on_publish = lambda *a: setattr(self, "acked", self.acked + 1)
-        self.client.connect(s.mqtt_host, s.mqtt_port)
-        self.client.loop_start()
+        self.gateway = Gateway(s.mqtt_host, s.mqtt_port, f"bench-pub-{time.time_ns()}", max_inflight=2000,
+                               username=user, password=password)
         self.n = tractors
         self.degrading = degrading
         self.ids = [f"T{i + 1:05d}" for i in range(tractors)]
         self.rng = np.random.default_rng(3)
         self.sent = 0
         self.behind_s = 0.0
+        self.unacked_at_close = 0
+
+    @property
+    def acked(self) -> int:
+        """Messages the broker acknowledged."""
+        return self.gateway.acked
 
     def run(self, seconds: int) -> None:
-        """Publish for ``seconds`` wall seconds; falls behind (and says so) if it cannot keep up."""
+        """Publish for ``seconds`` ticks; falls behind (and says so) if the pipeline cannot keep up."""
         nominal = np.asarray(NOMINAL_12, dtype=float)
         oil = SIGNALS_12.index("oil_pressure_kpa")
         t0 = time.time()
@@ -101,16 +104,17 @@ class Publisher:
                 doc = {"v": 1, "tractor_id": tid, "seq": tick + 1,
                        "samples": [{"ts": ts, "engine_hours": 1000.0, "readings": dict(zip(SIGNALS_12, rows[i],
                                                                                             strict=True))}]}
-                self.client.publish(f"tractors/{tid}/telemetry", orjson.dumps(doc), qos=1)
+                self.gateway.publish(f"tractors/{tid}/telemetry", orjson.dumps(doc))
             self.sent += self.n
+        self.behind_s = max(self.behind_s, time.time() - (t0 + seconds))
 
     def close(self) -> None:
         """Wait for the broker's acks, then disconnect."""
-        deadline = time.time() + 120
-        while self.acked < self.sent and time.time() < deadline:
-            time.sleep(0.2)
-        self.client.disconnect()
-        self.client.loop_stop()
+        try:
+            self.gateway.drain(120)
+        except TimeoutError:
+            self.unacked_at_close = self.sent - self.acked
+        self.gateway.close()
 
 
 def _pids(stack: Stack, names: list[str]) -> dict[str, int]:
@@ -122,7 +126,8 @@ def _pids(stack: Stack, names: list[str]) -> dict[str, int]:
     return pids
 
 
-def run_fleet(tractors: int, seconds: int, pg_url: str, profile: bool = True) -> dict[str, Any]:
+def run_fleet(tractors: int, seconds: int, pg_url: str, profile: bool = True, drain_s: float = 180
+              ) -> dict[str, Any]:
     """One fleet size: publish in real time, sample lag/CPU/RSS and profiles, then reconcile and measure latency."""
     s = Settings()
     stack = Stack(s)
@@ -172,13 +177,15 @@ def run_fleet(tractors: int, seconds: int, pg_url: str, profile: bool = True) ->
     pub.close()
     publish_s = clock.seconds()
     # drain: wait until the trend function caught up with everything that reached Kafka
-    deadline = time.time() + 300
+    deadline = time.time() + drain_s
     while time.time() < deadline:
         stored = sum(end_offsets(s, s.topic("telemetry")).values()) - base
         if stored >= pub.sent and progress.lag("trends-detect") == 0:
             break
         time.sleep(0.5)
-    drained_s = clock.seconds()  # publishing started → the trend function had consumed everything
+    drained_s = clock.seconds()  # publishing started → the trend function consumed everything (or the deadline)
+    stored_then = sum(end_offsets(s, s.topic("telemetry")).values()) - base
+    consumed = max(stored_then - progress.lag("trends-detect"), 0)  # messages the trend function got through
     time.sleep(3)
     stop.set()
     sampler.join()
@@ -207,9 +214,10 @@ def run_fleet(tractors: int, seconds: int, pg_url: str, profile: bool = True) ->
     return {
         "tractors": tractors, "seconds": seconds, "published": pub.sent, "publish_wall_s": publish_s,
         "publisher_max_behind_s": pub.behind_s, "stored_in_kafka": stored,
-        "lost": max(pub.sent - stored, 0), "messages_per_s": pub.sent / publish_s,
-        "readings_per_s": pub.sent * 12 / publish_s, "drained_s": drained_s,
-        "pipeline_readings_per_s": pub.sent * 12 / drained_s, "trend_rows": n_windows,
+        "lost": max(pub.sent - stored, 0), "messages_per_s": pub.sent / max(publish_s, seconds),
+        "readings_per_s": pub.sent * 12 / max(publish_s, seconds), "drained_s": drained_s,
+        "consumed_by_trends": consumed, "backlog_at_deadline": pub.sent - consumed,
+        "pipeline_readings_per_s": consumed * 12 / drained_s, "trend_rows": n_windows,
         "readings_in_closed_windows": counted,
         "latency_trend_p50_s": float(np.nanpercentile(lat, 50)),
         "latency_trend_p99_s": float(np.nanpercentile(lat, 99)),
@@ -231,6 +239,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--fleets", default="1000,5000,10000")
     ap.add_argument("--seconds", type=int, default=60)
+    ap.add_argument("--drain-s", type=float, default=180, help="how long to wait for the backlog after publishing")
     args = ap.parse_args()
     s = bench_settings()
     os.environ["FLEETWATCH_FUNCTIONS_FILE"] = str(_functions_file(s))
@@ -249,7 +258,7 @@ def main() -> None:
             os.environ["FLEETWATCH_TOPIC_PREFIX"] = f"e2e{n}-{int(time.time())}-"
             os.environ["FLEETWATCH_DATABASE_URL"] = f"postgresql+psycopg://{s.pg_user}@127.0.0.1:{s.pg_port}/{db}"
             console.print(f"[bold]fleet of {n} tractors for {args.seconds} s[/bold]")
-            results.append(run_fleet(n, args.seconds, os.environ["FLEETWATCH_DATABASE_URL"]))
+            results.append(run_fleet(n, args.seconds, os.environ["FLEETWATCH_DATABASE_URL"], drain_s=args.drain_s))
     finally:
         stack.down()
     rows = [[r["tractors"], r["messages_per_s"], r["readings_per_s"], r["pipeline_readings_per_s"],

@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +194,32 @@ def test_records_past_the_maximum_age_go_to_on_failure(isolated: Settings, sqlit
     docs = failures(isolated, "aged", 4)
     assert sorted((d["offset"], d["condition"]) for d in docs) == [(i, "RecordAgeExceeded") for i in (0, 1, 2, 7)]
     assert table_rows(engine) == [(0, i) for i in (3, 4, 5, 6, 8, 9)]
+
+
+def test_latest_start_skips_the_backlog_and_a_restart_keeps_what_arrived_in_between(isolated: Settings,
+                                                                                     sqlite_db: Any) -> None:
+    _, engine, sessions = sqlite_db
+    fn = function("latest", starting_position="LATEST")
+    create_topic(isolated, "latest", 1)
+    produce(isolated, "latest", [{"i": i} for i in range(10)])
+    # First run: the start (end of the log) is stored as soon as the partition is assigned; nothing is read.
+    run_worker(isolated, fn, sessions, lambda: committed(sessions, isolated, fn) == 10)
+    assert table_rows(engine) == []
+    produce(isolated, "latest", [{"i": i} for i in range(10, 15)])  # while no worker runs
+    run_worker(isolated, fn, sessions, lambda: committed(sessions, isolated, fn) == 15)
+    assert table_rows(engine) == [(0, i) for i in range(10, 15)]
+
+
+def test_at_timestamp_start_reads_from_the_first_record_at_or_after_it(isolated: Settings, sqlite_db: Any) -> None:
+    _, engine, sessions = sqlite_db
+    now = int(time.time() * 1000)
+    fn = function("stamped", starting_position="AT_TIMESTAMP",
+                  starting_position_timestamp=datetime.fromtimestamp((now - 3_600_000) / 1000, UTC))
+    create_topic(isolated, "stamped", 1)
+    produce(isolated, "stamped", [{"i": i} for i in range(10)],
+            timestamps=[now - 7_200_000 if i < 6 else now - 600_000 for i in range(10)])
+    run_worker(isolated, fn, sessions, lambda: committed(sessions, isolated, fn) == 10)
+    assert table_rows(engine) == [(0, i) for i in range(6, 10)]
 
 
 def test_tumbling_windows_pass_state_and_retry_the_final_invocation(isolated: Settings, sqlite_db: Any) -> None:
