@@ -22,6 +22,14 @@ INFRA = ("kafka", "mosquitto", "postgres")
 WORKERS = ("bridge", "fn-trends", "fn-ordering", "api")
 
 
+def new_cluster_id() -> str:
+    """A random KRaft cluster id (base64url UUID) that does not start with '-', as Kafka's own Uuid avoids too."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
+
+
 class StackError(RuntimeError):
     """A component of the local stack could not be installed, started or reached."""
 
@@ -141,9 +149,10 @@ class Stack:
         root = self.run / "kafka"
         root.mkdir(parents=True, exist_ok=True)
         id_file = root / "cluster.id"
-        if not id_file.exists():
-            id_file.write_text(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=") + "\n")
-        cluster_id = id_file.read_text().strip()
+        cluster_id = id_file.read_text().strip() if id_file.exists() else ""
+        if not cluster_id or cluster_id.startswith("-"):  # a leading '-' reads as an option to kafka-storage
+            cluster_id = new_cluster_id()
+            id_file.write_text(cluster_id + "\n")
         programs = []
         for node_id, (name, port, cport) in enumerate(nodes, start=1):
             d = root if len(nodes) == 1 else root / name
