@@ -279,6 +279,11 @@ def new_state() -> dict[str, Any]:
     return {"wm": 0.0, "dd": None, "open": None, "sig": {}, "episodes": {}, "replaced": {}}
 
 
+def _seen_state(hwm: int, bits: np.ndarray) -> list[Any]:
+    """A tractor's dedupe state as stored: [highest seq seen, base64 of the packed bitmap] (read by ``_seen``)."""
+    return [hwm, base64.b64encode(np.packbits(bits).tobytes()).decode()]
+
+
 def _groups(values: np.ndarray) -> list[tuple[Any, np.ndarray]]:
     """(value, row indices) for each distinct value, in order of first appearance."""
     codes, uniq = pd.factorize(values)
@@ -327,6 +332,9 @@ class Detector:
         self.d = self.kmax + 2
         self.width = BASE + self.d * self.d
         self.decay = 0.5 ** (1.0 / params.halflife_windows)
+        # Nominal → failure distance of each channel in regression space (the widest of its parts).
+        self.spans = {sig: max(abs(ch.transform(p.nominal) - ch.transform(p.failure)) for p in ch.parts)
+                      for sig, ch in self.channels.items()}
 
     # -------------------------------------------------------------- ingest
     def _seen(self, st: dict[str, Any]) -> tuple[int | None, np.ndarray]:
@@ -374,7 +382,7 @@ class Detector:
                     fresh = s
             if not len(fresh):
                 if hwm is not None and not st.get("dd"):  # keep a legacy list's seqs as the bitmap
-                    st["dd"] = [hwm, base64.b64encode(np.packbits(bits).tobytes()).decode()]
+                    st["dd"] = _seen_state(hwm, bits)
                 continue
             top = int(fresh.max())
             if hwm is None or top > hwm:
@@ -383,7 +391,7 @@ class Detector:
                 hwm = top
             off = hwm - fresh
             bits[off[off < m]] = True
-            st["dd"] = [hwm, base64.b64encode(np.packbits(bits).tobytes()).decode()]
+            st["dd"] = _seen_state(hwm, bits)
         frame = frame[keep]
         out.count("duplicates_dropped", before - len(frame))
         return frame
@@ -395,15 +403,18 @@ class Detector:
         level = np.zeros(n)
         beta = np.zeros((n, max(ch.k, 1)))
         width = np.full(n, np.inf)
-        span = max(abs(ch.transform(p.nominal) - ch.transform(p.failure)) for p in ch.parts)
         for i, tid in enumerate(tids):
             cs = states[tid]["sig"].get(ch.signal)
             if cs and cs.get("level") is not None and cs.get("beta") is not None:
                 level[i] = cs["level"]
                 if ch.k:
                     beta[i, :ch.k] = cs["beta"]
-                width[i] = max(self.params.gate_sigmas * cs["sigma"], self.params.gate_span * span)
+                width[i] = self._gate_width(ch, cs)
         return level, beta, width
+
+    def _gate_width(self, ch: Channel, cs: dict[str, Any]) -> float:
+        """Half-width of a channel's sample gate (regression space): residual sigmas, at least a share of the span."""
+        return max(self.params.gate_sigmas * cs["sigma"], self.params.gate_span * self.spans[ch.signal])
 
     def aggregate(self, frame: pd.DataFrame, states: dict[str, dict[str, Any]], signals: list[str],
                   tids: list[str], out: Outputs) -> tuple[np.ndarray, np.ndarray]:
@@ -516,7 +527,7 @@ class Detector:
         out.count("readings", float(sum(int(np.count_nonzero(~np.isnan(frame[c].to_numpy(dtype=np.float64))))
                                         for c in frame.columns if c not in META)))
         tids = sorted(states)
-        signals = sorted({c for c in frame.columns if c not in ("partition", "tractor_id", "seq", "ts")}
+        signals = sorted({c for c in frame.columns if c not in META}
                          | {s for st in states.values() if st["open"] for s in st["open"]["sig"]})
         sig_index = {s: i for i, s in enumerate(signals)}
 
@@ -735,8 +746,7 @@ class Detector:
         """True when regression-space value ``u`` passes the sample gate around the channel's current level."""
         if cs.get("level") is None or cs.get("beta") is None:
             return False
-        span = max(abs(ch.transform(q.nominal) - ch.transform(q.failure)) for q in ch.parts)
-        return abs(u - cs["level"]) <= max(self.params.gate_sigmas * cs["sigma"], self.params.gate_span * span)
+        return abs(u - cs["level"]) <= self._gate_width(ch, cs)
 
     def _relearn(self, tid: str, st: dict[str, Any], cs: dict[str, Any], ch: Channel, vals: list[tuple[float, float]],
                  w: int, r: dict[str, Any], out: Outputs) -> None:
@@ -847,6 +857,9 @@ class Detector:
         latest = trend or dtrend
         assert latest is not None
         progress = progress_of(latest.level)
+        # Order when failure is forecast within the lead time plus a margin that grows with the lead time
+        # (forecasts of accelerating wear run late) but stays bounded (noisy slow signals wander).
+        horizon = part.lead_time_h + p.margin_h + min((p.lead_factor - 1) * part.lead_time_h, p.max_extra_h)
         # A level held far toward failure over the recent windows (sudden-onset wear). A deviation from the
         # baseline no larger than a sensor calibration error could be one (an offset holds still): it counts only
         # while the window trend also keeps moving toward failure, as wear does after its sudden onset.
@@ -860,13 +873,9 @@ class Detector:
         if held and not beyond_offset:
             tfc = forecast(trend, part.failure, part.direction)
             held = min(sign * trend.slope_lo, sign * trend.slope_hi) > 0 and tfc.expected is not None \
-                and tfc.expected <= part.lead_time_h + p.margin_h + min((p.lead_factor - 1) * part.lead_time_h,
-                                                                          p.max_extra_h)
+                and tfc.expected <= horizon
         slope_rule = False
         fc = forecast(dtrend or latest, part.failure, part.direction)
-        # Order when failure is forecast within the lead time plus a margin that grows with the lead time
-        # (forecasts of accelerating wear run late) but stays bounded (noisy slow signals wander).
-        horizon = part.lead_time_h + p.margin_h + min((p.lead_factor - 1) * part.lead_time_h, p.max_extra_h)
         rtrend = Trend(*cs["rtrend"][:4], int(cs["rtrend"][4]), cs["rtrend"][5]) if cs.get("rtrend") else None
         for cand in (dtrend, rtrend):
             if cand is None:
