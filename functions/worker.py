@@ -43,23 +43,16 @@ class KafkaCommitter:
     def __init__(self, consumer: Consumer) -> None:
         self.consumer = consumer
 
-    def commit(self, offsets: dict[TP, int]) -> None:
-        """Queue a commit of the given next offsets; a failure only means redelivery after a restart."""
-        if not offsets:
-            return
-        try:
-            self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
-                                 asynchronous=True)
-        except KafkaException as exc:
-            log.warning("offset commit to Kafka failed: %s", exc)
+    def commit(self, offsets: dict[TP, int], wait: bool = False) -> None:
+        """Commit the given next offsets, queued (or synchronously with ``wait``, at revoke and close).
 
-    def commit_now(self, offsets: dict[TP, int]) -> None:
-        """Commit synchronously (at revoke and close), logging instead of raising."""
+        A failure is logged, never raised: it only means redelivery after a restart.
+        """
         if not offsets:
             return
         try:
             self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
-                                 asynchronous=False)
+                                 asynchronous=not wait)
         except KafkaException as exc:
             log.warning("offset commit to Kafka failed: %s", exc)
 
@@ -188,27 +181,29 @@ class KafkaWorker:
             self.unpositioned = set(tps)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self.generation += 1
         tps = sorted((tp.topic, tp.partition) for tp in partitions)
-        revoked = set(tps)
         if not self.sessions:  # at-least-once functions: hand over where this member got to
-            self.committer.commit_now({tp: o for tp, o in self.invoker.positions.items()
-                                       if o is not None and tp in revoked})
-        self.invoker.revoke(tps)
-        self.assigned.difference_update(tps)
-        self.unpositioned.difference_update(tps)
+            self.committer.commit(self._positions_reached(set(tps)), wait=True)
         if tps:
             log.info("%s[%s]: partitions revoked %s", self.fn.name, self.worker_id, tps)
-        consumer.unassign()
+        self._release(consumer, tps)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self.generation += 1
         tps = sorted((tp.topic, tp.partition) for tp in partitions)
         log.warning("%s[%s]: partitions lost %s", self.fn.name, self.worker_id, tps)
+        self._release(consumer, tps)
+
+    def _release(self, consumer: Consumer, tps: list[TP]) -> None:
+        """Give partitions up (revoked or lost): the Invoker forgets them and a batch spanning this is read again."""
+        self.generation += 1
         self.invoker.revoke(tps)
         self.assigned.difference_update(tps)
         self.unpositioned.difference_update(tps)
         consumer.unassign()
+
+    def _positions_reached(self, only: set[TP] | None = None) -> dict[TP, int]:
+        """Next offsets this member reached per partition (of ``only``, when given)."""
+        return {tp: o for tp, o in self.invoker.positions.items() if o is not None and (only is None or tp in only)}
 
     def _positions(self, tps: Sequence[TP]) -> list[TopicPartition]:
         """Durable offsets (else the starting position) for ``tps``; hands them and window state to the Invoker."""
@@ -411,7 +406,7 @@ class KafkaWorker:
                 self._rewind()
                 continue
             if self.sessions:  # lag visibility for Kafka tools only; the database is authoritative
-                self.committer.commit({tp: o for tp, o in self.invoker.positions.items() if o is not None})
+                self.committer.commit(self._positions_reached())
 
     def close(self) -> None:
         """Leave the group and release clients."""
@@ -420,10 +415,9 @@ class KafkaWorker:
             self.invoker.flush_logs()
         except OperationalError as exc:
             log.error("%s: invocation logs not written: %s", self.fn.name, exc)
-        owned = {tp: o for tp, o in self.invoker.positions.items() if o is not None}
         try:
-            if owned and not self.sessions:
-                self.committer.commit_now(owned)
+            if not self.sessions:
+                self.committer.commit(self._positions_reached(), wait=True)
         finally:
             try:
                 self.consumer.close()  # leaves the group (runs on_revoke for what this member still owns)
