@@ -133,11 +133,11 @@ class Params:
     min_progress: float = 0.25  # share of the way from baseline to failure before any alert
     growth_days: int = 5  # days the accelerating-wear fit (log of progress) looks back over; < 3 turns it off
     growth_floor: float = 0.05  # progress below this is noise to the log fit (those days are left out)
-    growth_progress: float = 0.2  # share of the way to failure before the growth fit may alert…
+    growth_progress: float = 0.15  # share of the way to failure before the growth fit may alert…
     growth_sigmas: float = 0.0  # …and at least this many day-trend residual scales (noisy signals wait longer)
     single_look_sigmas: float = 0.0  # one look (not confirm_days) suffices this many wanders out; 0 = off
     offset_share: float = 0.15  # a deviation under this share of nominal may be a calibration step: needs a slope
-    step_progress: float = 0.6  # a level held this far toward failure alerts even without a slope
+    step_progress: float = 0.5  # a level held this far toward failure alerts even without a slope
     lead_factor: float = 2.5
     max_extra_h: float = 120.0
     margin_h: float = 72.0
@@ -287,6 +287,8 @@ def _seen_state(hwm: int, bits: np.ndarray) -> list[Any]:
 def _groups(values: np.ndarray) -> list[tuple[Any, np.ndarray]]:
     """(value, row indices) for each distinct value, in order of first appearance."""
     codes, uniq = pd.factorize(values)
+    if not len(uniq):
+        return []
     order = np.argsort(codes, kind="stable")
     bounds = np.cumsum(np.bincount(codes, minlength=len(uniq)))[:-1]
     return list(zip(uniq.tolist(), np.split(order, bounds), strict=True))
@@ -645,6 +647,7 @@ class Detector:
         starts = keys[idx, 1].tolist()
         sig_idx = keys[idx, 2].tolist()
         counts, means, stds = n.astype(np.int64).tolist(), mean.tolist(), std.tolist()
+        stuck = self._stuck_windows(st, a, starts, [signals[i] for i in sig_idx])
         for row in range(len(idx)):
             w = starts[row]
             sig = signals[sig_idx[row]]
@@ -654,24 +657,48 @@ class Detector:
                  "slope_lo": None, "slope_hi": None, "quality_flags": ""}
             ch = self.channels.get(sig)
             if ch is not None:
-                self._close_channel(tid, st, ch, w, rows[row], r, out)
+                # A reading compared against another one is as stuck as that one (oil temperature over coolant).
+                frozen = (w, sig) in stuck or (ch.relative_to is not None and (w, ch.relative_to[0]) in stuck)
+                self._close_channel(tid, st, ch, w, rows[row], r, out, frozen)
             out.windows.append(r)
 
+    def _stuck_windows(self, st: dict[str, Any], a: np.ndarray, starts: list[int], sigs: list[str]
+                       ) -> set[tuple[int, str]]:
+        """(window start, signal) of the closing windows whose sensor is stuck: one value all window long.
+
+        Three equal samples are stuck; fewer are stuck too when they repeat the value a wear signal was last
+        seen stuck at (a stuck sensor's short windows at the start and end of a working day).
+        """
+        flat = a[:, HI] - a[:, LO] <= 1e-9 * np.maximum(1.0, np.abs(a[:, LO]))
+        if not flat.any():
+            return set()
+        out: set[tuple[int, str]] = set()
+        for row in np.flatnonzero(flat).tolist():
+            sig, value = sigs[row], float(a[row, LO])
+            cs = st["sig"].get(sig) if sig in self.channels else None
+            if a[row, N] >= 3:
+                out.add((starts[row], sig))
+                if cs is not None:
+                    cs["stuckv"] = value
+            elif cs is not None and cs.get("stuckv") == value:
+                out.add((starts[row], sig))
+        return out
+
     def _close_channel(self, tid: str, st: dict[str, Any], ch: Channel, w: int, a: list[float], r: dict[str, Any],
-                       out: Outputs) -> None:
+                       out: Outputs, stuck: bool = False) -> None:
         """Normalise one closed window of a wear signal, update its trend and change detector, assess its parts."""
         p = self.params
         cs = st["sig"].setdefault(ch.signal, {"S": None, "beta": None, "sigma": 0.0, "level": None, "hist": [],
                                                "base": None, "trend": None, "cp": 0.0, "cn": 0.0, "rej": 0,
                                                "since": 0, "refit": 0})
         flags: list[str] = []
-        n, nu = a[N], a[N_USED]
+        nu = a[N_USED]
         k, d = ch.k, self.d
         t_h = (w + p.window_s / 2) / 3600.0
-        if n >= 3 and a[HI] - a[LO] <= 1e-9 * max(1.0, abs(a[LO])):
-            flags.append("stuck")
         norm = None
-        if nu >= 1 and "stuck" not in flags:
+        if stuck:  # a stuck sensor says nothing about the part: neither a value nor evidence that the level moved
+            flags.append("stuck")
+        elif nu >= 1:
             cs["rej"] = 0
             cs["rejv"] = []
             # Plain floats: a window's moment block is at most 4 × 4, numpy calls would cost more than the maths.

@@ -210,3 +210,43 @@ def test_accelerating_wear_is_ordered_before_its_lead_time() -> None:
     assert {a["tractor_id"] for a in alerts} == {"T00001"}
     first = datetime.fromisoformat(alerts[0]["detected_at"])
     assert START + timedelta(days=failure) - first >= timedelta(hours=OIL_PUMP.lead_time_h)
+
+
+def test_a_sensor_stuck_far_from_its_level_is_flagged_and_never_taken_for_a_step() -> None:
+    # Tractor 2's sensor freezes at 160 kPa (near the failure threshold) for two working days: its windows are
+    # far outside the sample gate, yet a frozen reading is no evidence that the level moved.
+    recs = fleet_records(30, tractors=2)
+    for r in recs:
+        msg = r["json"]
+        if msg["tractor_id"] == "T00002" and "2026-03-20" <= msg["samples"][0]["ts"] < "2026-03-22":
+            msg["samples"][0]["readings"]["oil_pressure_kpa"] = 160.0
+    _, windows, alerts, _ = run(recs)
+    assert alerts == []
+    mine = [w["quality_flags"] for w in windows if w["tractor_id"] == "T00002" and w["signal"] == "oil_pressure_kpa"]
+    assert sum("stuck" in f for f in mine) >= 18
+    assert not any("change" in f for f in mine)
+
+
+def test_a_failing_coolant_pump_is_ordered_and_the_oil_cooler_it_heats_is_not(tmp_path: Any) -> None:
+    # The simulator's physics: a failing coolant pump heats the oil too (30 % of its excess heat). The shipped
+    # catalog watches the oil cooler on the oil-to-coolant difference, so only the coolant pump is ordered,
+    # even while the worn pump stays in (past its failure time it keeps degrading).
+    from types import SimpleNamespace
+
+    from fleetwatch.db import CATALOG, load_catalog
+    from simulators.scenario import build, load
+
+    path = tmp_path / "coolant.toml"
+    path.write_text('description = "coolant pump wears out"\ntractors = 3\ndays = 45\nperiod_s = 900\nseed = 3\n'
+                    '[[wear]]\ntractor = 1\npart = "COOLANT-PUMP"\nkind = "linear"\nonset_day = 5.0\n'
+                    'failure_day = 30.0\n')
+    catalog = load_catalog(CATALOG)
+    parts = [Part.from_row(SimpleNamespace(**r, extra=dict(r))) for r in catalog]
+    fleet, days, period = build(load(str(path)), catalog=catalog)
+    det = Detector(parts, Params())
+    states: dict[str, Any] = {}
+    alerts: list[dict[str, Any]] = []
+    for _frac, msgs in fleet.run(days, period):
+        recs = [{"topic": "telemetry", "partition": 0, "json": json.loads(p)} for _t, p in msgs]
+        alerts += det.process(flatten(recs), states).alerts
+    assert {(a["tractor_id"], a["part_id"]) for a in alerts} == {("T00001", "COOLANT-PUMP")}
