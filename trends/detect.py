@@ -17,6 +17,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -151,7 +152,9 @@ class Params:
         return cls(**known)
 
 
+@lru_cache(maxsize=4096)
 def _dt(epoch_s: float) -> datetime:
+    """UTC datetime of an epoch second (cached: a fleet's windows share their bounds)."""
     return datetime.fromtimestamp(epoch_s, UTC)
 
 
@@ -162,6 +165,14 @@ def _pack(a: np.ndarray) -> str:
 def _unpack(s: str, width: int) -> np.ndarray:
     a = np.frombuffer(base64.b64decode(s), dtype=np.float64)
     return a.reshape(-1, width).copy() if width else a.copy()
+
+
+def _remember(memo: dict[str, Any], key: str, value: Any) -> None:
+    """Keep ``value`` under ``key`` in a memo of at most the state cache's size (oldest entries go first)."""
+    memo.pop(key, None)
+    memo[key] = value
+    while len(memo) > max(STATE_CACHE_SIZE, 1):
+        del memo[next(iter(memo))]
 
 
 # ------------------------------------------------------------------------------------------ flatten
@@ -332,6 +343,9 @@ class Detector:
         self.d = self.kmax + 2
         self.width = BASE + self.d * self.d
         self.decay = 0.5 ** (1.0 / params.halflife_windows)
+        # Decoded forms of the texts this detector last wrote into each tractor's state (text, decoded).
+        self._dd_memo: dict[str, tuple[str, int]] = {}
+        self._acc_memo: dict[str, tuple[str, np.ndarray]] = {}
         # Nominal → failure distance of each channel in regression space (the widest of its parts).
         self.spans = {sig: max(abs(ch.transform(p.nominal) - ch.transform(p.failure)) for p in ch.parts)
                       for sig, ch in self.channels.items()}
@@ -366,6 +380,9 @@ class Detector:
         m = self.params.max_seqs
         for tid, idx in _groups(frame["tractor_id"].to_numpy()):
             st = states[tid]
+            if m % 8 == 0 and (st.get("dd") or not st.get("seqs")):
+                self._dedupe_bits(tid, st, seqs[idx].tolist(), idx, keep)
+                continue
             hwm, bits = self._seen(st)
             s = seqs[idx]
             if hwm is None:
@@ -395,6 +412,50 @@ class Detector:
         frame = frame[keep]
         out.count("duplicates_dropped", before - len(frame))
         return frame
+
+    def _dedupe_bits(self, tid: str, st: dict[str, Any], seqs: list[int], idx: np.ndarray, keep: np.ndarray) -> None:
+        """``dedupe`` for one tractor on the bitmap as a Python integer (bit ``max_seqs - 1 - j`` = seq ``hwm - j``).
+
+        The same verdicts and stored bitmap as the numpy path, without a dozen small numpy calls per tractor; the
+        integer of the bitmap this detector wrote last is reused while the state still holds that very text.
+        """
+        m = self.params.max_seqs
+        dd = st.get("dd")
+        if dd:
+            hwm: int | None = int(dd[0])
+            memo = self._dd_memo.get(tid)
+            x = memo[1] if memo is not None and memo[0] is dd[1] else int.from_bytes(base64.b64decode(dd[1]), "big")
+        else:
+            st.pop("seqs", None)  # an empty legacy list: nothing seen yet
+            hwm, x = None, 0
+        fresh: list[int] = []
+        for i, s in enumerate(seqs):
+            if hwm is not None:
+                off = hwm - s
+                if off >= m or (off >= 0 and (x >> (m - 1 - off)) & 1):
+                    keep[idx[i]] = False
+                    continue
+            fresh.append(s)
+        if not fresh:
+            return
+        top = max(fresh)
+        if hwm is None or top > hwm:
+            x >>= m if hwm is None else min(top - hwm, m)
+            hwm = top
+        for s in fresh:
+            off = hwm - s
+            if off < m:
+                x |= 1 << (m - 1 - off)
+        text = base64.b64encode(x.to_bytes(m // 8, "big")).decode()
+        st["dd"] = [hwm, text]
+        _remember(self._dd_memo, tid, (text, x))
+
+    def _open_acc(self, tid: str, op: dict[str, Any]) -> np.ndarray:
+        """The accumulators of a tractor's open windows (reused from ``_close`` while the state holds its text)."""
+        memo = self._acc_memo.get(tid)
+        if memo is not None and memo[0] is op["acc"]:
+            return memo[1]
+        return _unpack(op["acc"], op["width"])
 
     def _gate_arrays(self, ch: Channel, tids: list[str], states: dict[str, dict[str, Any]]
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -553,13 +614,12 @@ class Detector:
             op = states[tid]["open"]
             if not op or not op["w"]:
                 continue
-            a = _unpack(op["acc"], op["width"])
             if op["width"] != self.width:  # the catalog changed shape: restart the open windows
                 out.count("open_windows_discarded", len(op["w"]))
                 continue
             si = np.array([sig_index[s] for s in op["sig"]])
             old_keys.append(np.column_stack([np.full(len(si), code), op["w"], si]))
-            old_acc.append(a)
+            old_acc.append(self._open_acc(tid, op))
         if old_keys:
             keys, acc = _reduce(np.concatenate([keys, *old_keys]), np.concatenate([acc, *old_acc]))
         watermarks = frame.groupby("tractor_id")["ts"].max() if len(frame) else pd.Series(dtype=float)
@@ -631,8 +691,13 @@ class Detector:
             return
         closable = keys[:, 1] + p.window_s + p.lateness_s <= wm
         rest = ~closable
-        st["open"] = {"w": keys[rest, 1].tolist(), "sig": [signals[i] for i in keys[rest, 2]],
-                      "width": self.width, "acc": _pack(acc[rest])} if rest.any() else None
+        if rest.any():
+            kept = acc[rest]
+            st["open"] = {"w": keys[rest, 1].tolist(), "sig": [signals[i] for i in keys[rest, 2]],
+                          "width": self.width, "acc": _pack(kept)}
+            _remember(self._acc_memo, tid, (st["open"]["acc"], kept))
+        else:
+            st["open"] = None
         if not closable.any():
             return
         idx = np.flatnonzero(closable)
