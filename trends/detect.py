@@ -457,20 +457,21 @@ class Detector:
             return memo[1]
         return _unpack(op["acc"], op["width"])
 
-    def _gate_arrays(self, ch: Channel, tids: list[str], states: dict[str, dict[str, Any]]
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per tractor: gating level (regression space), covariate coefficients, gate half-width (inf = off)."""
-        n = len(tids)
+    def _gate_arrays(self, ch: Channel, sigs: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per tractor (``sigs``: their states' ``sig``): gating level (regression space), covariate coefficients, gate
+        half-width (inf = off)."""
+        n = len(sigs)
         level = np.zeros(n)
         beta = np.zeros((n, max(ch.k, 1)))
         width = np.full(n, np.inf)
-        for i, tid in enumerate(tids):
-            cs = states[tid]["sig"].get(ch.signal)
-            if cs and cs.get("level") is not None and cs.get("beta") is not None:
-                level[i] = cs["level"]
-                if ch.k:
-                    beta[i, :ch.k] = cs["beta"]
-                width[i] = self._gate_width(ch, cs)
+        learnt = [(i, cs) for i, sig in enumerate(sigs) if (cs := sig.get(ch.signal))
+                  and cs.get("level") is not None and cs.get("beta") is not None]
+        if learnt:  # gathered in lists and stored at once: numpy item assignment per tractor costs more
+            idx = np.fromiter((i for i, _ in learnt), dtype=np.int64, count=len(learnt))
+            level[idx] = [cs["level"] for _, cs in learnt]
+            if ch.k:
+                beta[idx, :ch.k] = [cs["beta"] for _, cs in learnt]
+            width[idx] = [self._gate_width(ch, cs) for _, cs in learnt]
         return level, beta, width
 
     def _gate_width(self, ch: Channel, cs: dict[str, Any]) -> float:
@@ -493,6 +494,7 @@ class Detector:
         keys, accs = [], []
         d, kmax = self.d, self.kmax
         data = {c: frame[c].to_numpy(dtype=np.float64)[order] for c in frame.columns if c not in META}
+        sigs = [states[t]["sig"] for t in tids]
         for si, sig in enumerate(signals):
             if sig not in data:
                 continue
@@ -553,7 +555,7 @@ class Detector:
                 ok &= np.isfinite(cond)
                 yt = yt - np.nan_to_num(cond) + ch.relative_to[1]
             z[:, kmax + 1] = yt
-            level, beta, width = self._gate_arrays(ch, tids, states)
+            level, beta, width = self._gate_arrays(ch, sigs)
             pred = level[c] + (np.nan_to_num(z[:, 1:1 + ch.k]) * beta[c, :ch.k]).sum(axis=1)
             rej = ok & (np.abs(yt - pred) > width[c])
             used = ok & ~rej
