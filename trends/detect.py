@@ -1176,16 +1176,47 @@ class StateStore:
             if STATE_CACHE_SIZE > 0:
                 self.cache[k] = (token, st)
         c = trend_state.c
-        if fresh:
-            self.session.execute(insert(trend_state), fresh)
+        _execute_many(self.session, "state-insert", insert(trend_state), fresh)
         for rows, cols in ((full, ("state", "live", "generation", "updated_at")),
                            (live, ("live", "generation", "updated_at"))):
             if rows:  # one executemany, not a round trip per tractor
-                self.session.execute(update(trend_state).where(c.tractor_id == bindparam("key"))
-                                     .values({col: bindparam(col) for col in cols}), rows)
+                _execute_many(self.session, f"state-update-{len(cols)}", update(trend_state)
+                              .where(c.tractor_id == bindparam("key")).values({col: bindparam(col) for col in cols}),
+                              rows)
         self.stored.update(states)
         while len(self.cache) > STATE_CACHE_SIZE:
             self.cache.popitem(last=False)
+
+
+_compiled: dict[tuple[str, str], tuple[str, tuple[str, ...], list[Any]]] = {}
+
+
+def _execute_many(session: Session, key: str, stmt: Any, rows: list[dict[str, Any]]) -> None:
+    """Run ``stmt`` once per row; on SQLite straight through the driver's executemany.
+
+    SQLAlchemy builds and type-processes a parameter dict per row, which costs more than SQLite's own work for the
+    thousands of rows a window close writes. On SQLite the statement is compiled once (per ``key``) and each row's
+    values go through the same column-type bind processors SQLAlchemy would apply. Rows must share their keys.
+    """
+    if not rows:
+        return
+    dialect = session.get_bind().dialect
+    if dialect.name != "sqlite":
+        session.execute(stmt, rows)
+        return
+    entry = _compiled.get((key, dialect.name))
+    if entry is None:
+        compiled = stmt.compile(dialect=dialect, column_keys=list(rows[0]))
+        names = tuple(compiled.positiontup or ())
+        procs = [compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names]
+        entry = _compiled[(key, dialect.name)] = (compiled.string, names, procs)
+    sql, names, procs = entry
+    if not set(names) <= rows[0].keys():
+        session.execute(stmt, rows)
+        return
+    params = [tuple(row[n] if proc is None else proc(row[n]) for n, proc in zip(names, procs, strict=True))
+              for row in rows]
+    session.connection().exec_driver_sql(sql, params)
 
 
 def _upsert_health(session: Session, rows: list[dict[str, Any]]) -> None:
@@ -1245,8 +1276,7 @@ def handler(event: dict[str, Any], context: Context) -> None:
         return store.load([tid]).get(tid)
 
     out = detector.process(frame, states, partitions, load_state)
-    if out.windows:
-        session.execute(insert(trend_windows), out.windows)
+    _execute_many(session, "windows-insert", insert(trend_windows), out.windows)
     _upsert_health(session, list(out.health.values()))
     for alert in out.alerts:
         context.emit(ALERT_TOPIC, alert["tractor_id"], alert)
