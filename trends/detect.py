@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import bindparam, insert, inspect, select, text, update
+from sqlalchemy import DateTime, bindparam, insert, inspect, select, text, update
 from sqlalchemy.orm import Session
 
 from fleetwatch.settings import Settings
@@ -335,6 +335,8 @@ def _reduce(keys: np.ndarray, acc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class Detector:
     """The compute path: batch of samples + per-tractor states → updated states, trend rows, health, alerts."""
 
+    bitmap_as_int = True  # dedupe on the bitmap as a Python integer (False: the numpy path, kept as the reference)
+
     def __init__(self, parts: list[Part], params: Params) -> None:
         self.params = params
         self.parts = parts
@@ -380,7 +382,7 @@ class Detector:
         m = self.params.max_seqs
         for tid, idx in _groups(frame["tractor_id"].to_numpy()):
             st = states[tid]
-            if m % 8 == 0 and (st.get("dd") or not st.get("seqs")):
+            if self.bitmap_as_int and m % 8 == 0 and (st.get("dd") or not st.get("seqs")):
                 self._dedupe_bits(tid, st, seqs[idx].tolist(), idx, keep)
                 continue
             hwm, bits = self._seen(st)
@@ -1191,6 +1193,23 @@ class StateStore:
 _compiled: dict[tuple[str, str], tuple[str, tuple[str, ...], list[Any]]] = {}
 
 
+def _utc_memo(proc: Any) -> Any:
+    """``proc`` remembering its result per UTC datetime (equal datetimes in other zones print differently)."""
+    memo: dict[datetime, Any] = {}
+
+    def run(value: Any) -> Any:
+        if type(value) is not datetime or value.tzinfo is not UTC:
+            return proc(value)
+        out = memo.get(value)
+        if out is None:
+            if len(memo) >= 4096:
+                memo.clear()
+            out = memo[value] = proc(value)
+        return out
+
+    return run
+
+
 def _execute_many(session: Session, key: str, stmt: Any, rows: list[dict[str, Any]]) -> None:
     """Run ``stmt`` once per row; on SQLite straight through the driver's executemany.
 
@@ -1208,7 +1227,13 @@ def _execute_many(session: Session, key: str, stmt: Any, rows: list[dict[str, An
     if entry is None:
         compiled = stmt.compile(dialect=dialect, column_keys=list(rows[0]))
         names = tuple(compiled.positiontup or ())
-        procs = [compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names]
+        procs = []
+        for name in names:
+            impl = compiled.binds[name].type.dialect_impl(dialect)
+            proc = impl.bind_processor(dialect)
+            if proc is not None and isinstance(impl, DateTime):  # a batch's rows share a few window bounds
+                proc = _utc_memo(proc)
+            procs.append(proc)
         entry = _compiled[(key, dialect.name)] = (compiled.string, names, procs)
     sql, names, procs = entry
     if not set(names) <= rows[0].keys():
