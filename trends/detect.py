@@ -18,6 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -1239,8 +1240,18 @@ def _execute_many(session: Session, key: str, stmt: Any, rows: list[dict[str, An
     if not set(names) <= rows[0].keys():
         session.execute(stmt, rows)
         return
-    params = [tuple(row[n] if proc is None else proc(row[n]) for n, proc in zip(names, procs, strict=True))
-              for row in rows]
+    get = itemgetter(*names)
+    if len(names) == 1:
+        params: list[Any] = [(get(row),) for row in rows]
+    else:
+        params = [get(row) for row in rows]
+    typed = [(i, proc) for i, proc in enumerate(procs) if proc is not None]
+    if typed:
+        for r, values in enumerate(params):
+            values = list(values)
+            for i, proc in typed:
+                values[i] = proc(values[i])
+            params[r] = tuple(values)
     session.connection().exec_driver_sql(sql, params)
 
 
