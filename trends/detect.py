@@ -336,6 +336,7 @@ def _reduce(keys: np.ndarray, acc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class Detector:
     """The compute path: batch of samples + per-tractor states → updated states, trend rows, health, alerts."""
 
+    close_together = True  # close every tractor's windows in one pass (False: ``_close`` per tractor, the reference)
     bitmap_as_int = True  # dedupe on the bitmap as a Python integer (False: the numpy path, kept as the reference)
 
     def __init__(self, parts: list[Part], params: Params) -> None:
@@ -631,10 +632,14 @@ class Detector:
         for tid, value in watermarks.items():
             states[tid]["wm"] = max(states[tid]["wm"], float(value))
 
-        bounds = np.searchsorted(keys[:, 0], np.arange(len(tids) + 1)) if len(keys) else np.zeros(len(tids) + 1, int)
-        for code, tid in enumerate(tids):
-            lo, hi = bounds[code], bounds[code + 1]
-            self._close(tid, states[tid], keys[lo:hi], acc[lo:hi], signals, states[tid]["wm"], out)
+        if self.close_together:
+            self._close_all(tids, states, keys, acc, signals, out)
+        else:
+            bounds = np.searchsorted(keys[:, 0], np.arange(len(tids) + 1)) if len(keys) else np.zeros(len(tids) + 1,
+                                                                                                       int)
+            for code, tid in enumerate(tids):
+                lo, hi = bounds[code], bounds[code + 1]
+                self._close(tid, states[tid], keys[lo:hi], acc[lo:hi], signals, states[tid]["wm"], out)
 
         if partitions is not None:
             self._partition_progress(frame, states, partitions, load_state, out)
@@ -726,6 +731,56 @@ class Detector:
             if ch is not None:
                 self._close_channel(tid, st, ch, w, rows[row], r, out)
             out.windows.append(r)
+
+    def _close_all(self, tids: list[str], states: dict[str, dict[str, Any]], keys: np.ndarray, acc: np.ndarray,
+                   signals: list[str], out: Outputs) -> None:
+        """``_close`` for every tractor of a batch (keys sorted by tractor code), the numpy part done once for all.
+
+        Each tractor's windows close in the order ``_close`` closes them, tractor after tractor, with the same
+        arithmetic; only the per-tractor numpy calls are gone.
+        """
+        p = self.params
+        count = len(tids)
+        wm = np.array([states[t]["wm"] for t in tids], dtype=np.float64)
+        codes = keys[:, 0]
+        closable = keys[:, 1] + p.window_s + p.lateness_s <= wm[codes] if len(keys) else np.zeros(0, dtype=bool)
+        rest = np.flatnonzero(~closable)
+        shut = np.flatnonzero(closable)
+        shut = shut[np.lexsort((keys[shut, 2], keys[shut, 1], codes[shut]))]
+        edges = np.arange(count + 1)
+        rest_at = np.searchsorted(codes[rest], edges).tolist()
+        shut_at = np.searchsorted(codes[shut], edges).tolist()
+        kept_acc = acc[rest]
+        kept_w = keys[rest, 1].tolist()
+        kept_sig = [signals[i] for i in keys[rest, 2].tolist()]
+        a = acc[shut]
+        n = a[:, N]
+        mean = a[:, SUM] / n
+        std = np.sqrt(np.maximum(a[:, SUMSQ] / n - mean * mean, 0.0))
+        rows = a.tolist()
+        starts = keys[shut, 1].tolist()
+        sig_idx = keys[shut, 2].tolist()
+        counts, means, stds = n.astype(np.int64).tolist(), mean.tolist(), std.tolist()
+        for code, tid in enumerate(tids):
+            st = states[tid]
+            lo, hi = rest_at[code], rest_at[code + 1]
+            if hi > lo:
+                kept = kept_acc[lo:hi].copy()
+                st["open"] = {"w": kept_w[lo:hi], "sig": kept_sig[lo:hi], "width": self.width, "acc": _pack(kept)}
+                _remember(self._acc_memo, tid, (st["open"]["acc"], kept))
+            else:
+                st["open"] = None
+            for row in range(shut_at[code], shut_at[code + 1]):
+                w = starts[row]
+                sig = signals[sig_idx[row]]
+                r = {"tractor_id": tid, "signal": sig, "window_start": _dt(w), "window_end": _dt(w + p.window_s),
+                     "count": counts[row], "mean": means[row], "min": rows[row][LO], "max": rows[row][HI],
+                     "std": stds[row], "n_used": 0, "norm_value": None, "level": None, "slope_per_h": None,
+                     "slope_lo": None, "slope_hi": None, "quality_flags": ""}
+                ch = self.channels.get(sig)
+                if ch is not None:
+                    self._close_channel(tid, st, ch, w, rows[row], r, out)
+                out.windows.append(r)
 
     def _close_channel(self, tid: str, st: dict[str, Any], ch: Channel, w: int, a: list[float], r: dict[str, Any],
                        out: Outputs) -> None:
