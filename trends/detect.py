@@ -615,7 +615,10 @@ class Detector:
 
         keys, acc = self.aggregate(frame, states, signals, tids, out)
         # Merge with the windows still open in the state, then write the union back per tractor.
-        old_keys, old_acc = [], []
+        old_codes: list[int] = []
+        old_w: list[Any] = []
+        old_sig: list[int] = []
+        old_acc = []
         for code, tid in enumerate(tids):
             op = states[tid]["open"]
             if not op or not op["w"]:
@@ -623,11 +626,14 @@ class Detector:
             if op["width"] != self.width:  # the catalog changed shape: restart the open windows
                 out.count("open_windows_discarded", len(op["w"]))
                 continue
-            si = np.array([sig_index[s] for s in op["sig"]])
-            old_keys.append(np.column_stack([np.full(len(si), code), op["w"], si]))
+            old_codes += [code] * len(op["sig"])
+            old_w += op["w"]
+            old_sig += [sig_index[s] for s in op["sig"]]
             old_acc.append(self._open_acc(tid, op))
-        if old_keys:
-            keys, acc = _reduce(np.concatenate([keys, *old_keys]), np.concatenate([acc, *old_acc]))
+        if old_acc:  # one key array for every tractor's open windows, not one per tractor
+            old_keys = np.column_stack([np.array(old_codes, dtype=np.int64), np.array(old_w),
+                                        np.array(old_sig, dtype=np.int64)])
+            keys, acc = _reduce(np.concatenate([keys, old_keys]), np.concatenate([acc, *old_acc]))
         watermarks = frame.groupby("tractor_id")["ts"].max() if len(frame) else pd.Series(dtype=float)
         for tid, value in watermarks.items():
             states[tid]["wm"] = max(states[tid]["wm"], float(value))
