@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 import time
 import uuid
 from bisect import bisect_right
@@ -15,12 +16,31 @@ from itertools import repeat
 from operator import attrgetter
 from typing import Any
 
+import orjson
 from sqlalchemy.orm import Session
 
 Handler = Callable[[dict[str, Any], "Context"], Any]
 
 
 _UNDECODED: Any = object()
+
+
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+
+
+def loads_json(value: bytes | str) -> Any:
+    """``json.loads(value)``, several times faster for plain UTF-8 JSON.
+
+    orjson parses what it can; what it refuses (NaN, UTF-16, a BOM, lone surrogates, …) goes to the stdlib parser, and
+    so does any text with a run of 19+ digits, which orjson would read as a float where the stdlib keeps an integer.
+    """
+    raw = value.encode() if isinstance(value, str) else value
+    if not _LONG_DIGITS.search(raw):
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(value)
 
 
 @dataclass(slots=True)
@@ -40,7 +60,7 @@ class Record:
         """The value decoded as JSON, or None when it is not JSON (decoded once, then cached)."""
         if self._decoded is _UNDECODED:
             try:
-                self._decoded = json.loads(self.value)
+                self._decoded = loads_json(self.value)
             except ValueError:
                 self._decoded = None
         return self._decoded

@@ -17,11 +17,13 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import bindparam, insert, inspect, select, text, update
+from sqlalchemy import DateTime, bindparam, insert, inspect, select, text, update
 from sqlalchemy.orm import Session
 
 from fleetwatch.settings import Settings
@@ -151,7 +153,9 @@ class Params:
         return cls(**known)
 
 
+@lru_cache(maxsize=4096)
 def _dt(epoch_s: float) -> datetime:
+    """UTC datetime of an epoch second (cached: a fleet's windows share their bounds)."""
     return datetime.fromtimestamp(epoch_s, UTC)
 
 
@@ -162,6 +166,14 @@ def _pack(a: np.ndarray) -> str:
 def _unpack(s: str, width: int) -> np.ndarray:
     a = np.frombuffer(base64.b64decode(s), dtype=np.float64)
     return a.reshape(-1, width).copy() if width else a.copy()
+
+
+def _remember(memo: dict[str, Any], key: str, value: Any) -> None:
+    """Keep ``value`` under ``key`` in a memo of at most the state cache's size (oldest entries go first)."""
+    memo.pop(key, None)
+    memo[key] = value
+    while len(memo) > max(STATE_CACHE_SIZE, 1):
+        del memo[next(iter(memo))]
 
 
 # ------------------------------------------------------------------------------------------ flatten
@@ -326,6 +338,9 @@ def _reduce(keys: np.ndarray, acc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class Detector:
     """The compute path: batch of samples + per-tractor states → updated states, trend rows, health, alerts."""
 
+    close_together = True  # close every tractor's windows in one pass (False: ``_close`` per tractor, the reference)
+    bitmap_as_int = True  # dedupe on the bitmap as a Python integer (False: the numpy path, kept as the reference)
+
     def __init__(self, parts: list[Part], params: Params) -> None:
         self.params = params
         self.parts = parts
@@ -334,6 +349,9 @@ class Detector:
         self.d = self.kmax + 2
         self.width = BASE + self.d * self.d
         self.decay = 0.5 ** (1.0 / params.halflife_windows)
+        # Decoded forms of the texts this detector last wrote into each tractor's state (text, decoded).
+        self._dd_memo: dict[str, tuple[str, int]] = {}
+        self._acc_memo: dict[str, tuple[str, np.ndarray]] = {}
         # Nominal → failure distance of each channel in regression space (the widest of its parts).
         self.spans = {sig: max(abs(ch.transform(p.nominal) - ch.transform(p.failure)) for p in ch.parts)
                       for sig, ch in self.channels.items()}
@@ -368,6 +386,9 @@ class Detector:
         m = self.params.max_seqs
         for tid, idx in _groups(frame["tractor_id"].to_numpy()):
             st = states[tid]
+            if self.bitmap_as_int and m % 8 == 0 and (st.get("dd") or not st.get("seqs")):
+                self._dedupe_bits(tid, st, seqs[idx].tolist(), idx, keep)
+                continue
             hwm, bits = self._seen(st)
             s = seqs[idx]
             if hwm is None:
@@ -398,20 +419,65 @@ class Detector:
         out.count("duplicates_dropped", before - len(frame))
         return frame
 
-    def _gate_arrays(self, ch: Channel, tids: list[str], states: dict[str, dict[str, Any]]
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per tractor: gating level (regression space), covariate coefficients, gate half-width (inf = off)."""
-        n = len(tids)
+    def _dedupe_bits(self, tid: str, st: dict[str, Any], seqs: list[int], idx: np.ndarray, keep: np.ndarray) -> None:
+        """``dedupe`` for one tractor on the bitmap as a Python integer (bit ``max_seqs - 1 - j`` = seq ``hwm - j``).
+
+        The same verdicts and stored bitmap as the numpy path, without a dozen small numpy calls per tractor; the
+        integer of the bitmap this detector wrote last is reused while the state still holds that very text.
+        """
+        m = self.params.max_seqs
+        dd = st.get("dd")
+        if dd:
+            hwm: int | None = int(dd[0])
+            memo = self._dd_memo.get(tid)
+            x = memo[1] if memo is not None and memo[0] is dd[1] else int.from_bytes(base64.b64decode(dd[1]), "big")
+        else:
+            st.pop("seqs", None)  # an empty legacy list: nothing seen yet
+            hwm, x = None, 0
+        fresh: list[int] = []
+        for i, s in enumerate(seqs):
+            if hwm is not None:
+                off = hwm - s
+                if off >= m or (off >= 0 and (x >> (m - 1 - off)) & 1):
+                    keep[idx[i]] = False
+                    continue
+            fresh.append(s)
+        if not fresh:
+            return
+        top = max(fresh)
+        if hwm is None or top > hwm:
+            x >>= m if hwm is None else min(top - hwm, m)
+            hwm = top
+        for s in fresh:
+            off = hwm - s
+            if off < m:
+                x |= 1 << (m - 1 - off)
+        text = base64.b64encode(x.to_bytes(m // 8, "big")).decode()
+        st["dd"] = [hwm, text]
+        _remember(self._dd_memo, tid, (text, x))
+
+    def _open_acc(self, tid: str, op: dict[str, Any]) -> np.ndarray:
+        """The accumulators of a tractor's open windows (reused from ``_close`` while the state holds its text)."""
+        memo = self._acc_memo.get(tid)
+        if memo is not None and memo[0] is op["acc"]:
+            return memo[1]
+        return _unpack(op["acc"], op["width"])
+
+    def _gate_arrays(self, ch: Channel, sigs: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per tractor (``sigs``: their states' ``sig``): gating level (regression space), covariate coefficients, gate
+        half-width (inf = off)."""
+        n = len(sigs)
         level = np.zeros(n)
         beta = np.zeros((n, max(ch.k, 1)))
         width = np.full(n, np.inf)
-        for i, tid in enumerate(tids):
-            cs = states[tid]["sig"].get(ch.signal)
-            if cs and cs.get("level") is not None and cs.get("beta") is not None:
-                level[i] = cs["level"]
-                if ch.k:
-                    beta[i, :ch.k] = cs["beta"]
-                width[i] = self._gate_width(ch, cs)
+        learnt = [(i, cs) for i, sig in enumerate(sigs) if (cs := sig.get(ch.signal))
+                  and cs.get("level") is not None and cs.get("beta") is not None]
+        if learnt:  # gathered in lists and stored at once: numpy item assignment per tractor costs more
+            idx = np.fromiter((i for i, _ in learnt), dtype=np.int64, count=len(learnt))
+            level[idx] = [cs["level"] for _, cs in learnt]
+            if ch.k:
+                beta[idx, :ch.k] = [cs["beta"] for _, cs in learnt]
+            width[idx] = [self._gate_width(ch, cs) for _, cs in learnt]
         return level, beta, width
 
     def _gate_width(self, ch: Channel, cs: dict[str, Any]) -> float:
@@ -434,6 +500,7 @@ class Detector:
         keys, accs = [], []
         d, kmax = self.d, self.kmax
         data = {c: frame[c].to_numpy(dtype=np.float64)[order] for c in frame.columns if c not in META}
+        sigs = [states[t]["sig"] for t in tids]
         for si, sig in enumerate(signals):
             if sig not in data:
                 continue
@@ -494,7 +561,7 @@ class Detector:
                 ok &= np.isfinite(cond)
                 yt = yt - np.nan_to_num(cond) + ch.relative_to[1]
             z[:, kmax + 1] = yt
-            level, beta, width = self._gate_arrays(ch, tids, states)
+            level, beta, width = self._gate_arrays(ch, sigs)
             pred = level[c] + (np.nan_to_num(z[:, 1:1 + ch.k]) * beta[c, :ch.k]).sum(axis=1)
             rej = ok & (np.abs(yt - pred) > width[c])
             used = ok & ~rej
@@ -550,28 +617,37 @@ class Detector:
 
         keys, acc = self.aggregate(frame, states, signals, tids, out)
         # Merge with the windows still open in the state, then write the union back per tractor.
-        old_keys, old_acc = [], []
+        old_codes: list[int] = []
+        old_w: list[Any] = []
+        old_sig: list[int] = []
+        old_acc = []
         for code, tid in enumerate(tids):
             op = states[tid]["open"]
             if not op or not op["w"]:
                 continue
-            a = _unpack(op["acc"], op["width"])
             if op["width"] != self.width:  # the catalog changed shape: restart the open windows
                 out.count("open_windows_discarded", len(op["w"]))
                 continue
-            si = np.array([sig_index[s] for s in op["sig"]])
-            old_keys.append(np.column_stack([np.full(len(si), code), op["w"], si]))
-            old_acc.append(a)
-        if old_keys:
-            keys, acc = _reduce(np.concatenate([keys, *old_keys]), np.concatenate([acc, *old_acc]))
+            old_codes += [code] * len(op["sig"])
+            old_w += op["w"]
+            old_sig += [sig_index[s] for s in op["sig"]]
+            old_acc.append(self._open_acc(tid, op))
+        if old_acc:  # one key array for every tractor's open windows, not one per tractor
+            old_keys = np.column_stack([np.array(old_codes, dtype=np.int64), np.array(old_w),
+                                        np.array(old_sig, dtype=np.int64)])
+            keys, acc = _reduce(np.concatenate([keys, old_keys]), np.concatenate([acc, *old_acc]))
         watermarks = frame.groupby("tractor_id")["ts"].max() if len(frame) else pd.Series(dtype=float)
         for tid, value in watermarks.items():
             states[tid]["wm"] = max(states[tid]["wm"], float(value))
 
-        bounds = np.searchsorted(keys[:, 0], np.arange(len(tids) + 1)) if len(keys) else np.zeros(len(tids) + 1, int)
-        for code, tid in enumerate(tids):
-            lo, hi = bounds[code], bounds[code + 1]
-            self._close(tid, states[tid], keys[lo:hi], acc[lo:hi], signals, states[tid]["wm"], out)
+        if self.close_together:
+            self._close_all(tids, states, keys, acc, signals, out)
+        else:
+            bounds = np.searchsorted(keys[:, 0], np.arange(len(tids) + 1)) if len(keys) else np.zeros(len(tids) + 1,
+                                                                                                       int)
+            for code, tid in enumerate(tids):
+                lo, hi = bounds[code], bounds[code + 1]
+                self._close(tid, states[tid], keys[lo:hi], acc[lo:hi], signals, states[tid]["wm"], out)
 
         if partitions is not None:
             self._partition_progress(frame, states, partitions, load_state, out)
@@ -633,8 +709,13 @@ class Detector:
             return
         closable = keys[:, 1] + p.window_s + p.lateness_s <= wm
         rest = ~closable
-        st["open"] = {"w": keys[rest, 1].tolist(), "sig": [signals[i] for i in keys[rest, 2]],
-                      "width": self.width, "acc": _pack(acc[rest])} if rest.any() else None
+        if rest.any():
+            kept = acc[rest]
+            st["open"] = {"w": keys[rest, 1].tolist(), "sig": [signals[i] for i in keys[rest, 2]],
+                          "width": self.width, "acc": _pack(kept)}
+            _remember(self._acc_memo, tid, (st["open"]["acc"], kept))
+        else:
+            st["open"] = None
         if not closable.any():
             return
         idx = np.flatnonzero(closable)
@@ -647,7 +728,8 @@ class Detector:
         starts = keys[idx, 1].tolist()
         sig_idx = keys[idx, 2].tolist()
         counts, means, stds = n.astype(np.int64).tolist(), mean.tolist(), std.tolist()
-        stuck = self._stuck_windows(st, a, starts, [signals[i] for i in sig_idx])
+        flat = a[:, HI] - a[:, LO] <= 1e-9 * np.maximum(1.0, np.abs(a[:, LO]))
+        stuck = self._stuck_windows(st, a, starts, [signals[i] for i in sig_idx], flat, 0, len(a))
         for row in range(len(idx)):
             w = starts[row]
             sig = signals[sig_idx[row]]
@@ -657,23 +739,19 @@ class Detector:
                  "slope_lo": None, "slope_hi": None, "quality_flags": ""}
             ch = self.channels.get(sig)
             if ch is not None:
-                # A reading compared against another one is as stuck as that one (oil temperature over coolant).
-                frozen = (w, sig) in stuck or (ch.relative_to is not None and (w, ch.relative_to[0]) in stuck)
-                self._close_channel(tid, st, ch, w, rows[row], r, out, frozen)
+                self._close_channel(tid, st, ch, w, rows[row], r, out, self._frozen(ch, w, stuck))
             out.windows.append(r)
 
-    def _stuck_windows(self, st: dict[str, Any], a: np.ndarray, starts: list[int], sigs: list[str]
-                       ) -> set[tuple[int, str]]:
-        """(window start, signal) of the closing windows whose sensor is stuck: one value all window long.
+    def _stuck_windows(self, st: dict[str, Any], a: np.ndarray, starts: list[int], sigs: list[str],
+                       flat: np.ndarray, lo: int, hi: int) -> set[tuple[int, str]]:
+        """(window start, signal) of closing rows ``lo:hi`` (one tractor's) whose sensor is stuck: one value all along.
 
-        Three equal samples are stuck; fewer are stuck too when they repeat the value a wear signal was last
-        seen stuck at (a stuck sensor's short windows at the start and end of a working day).
+        ``flat`` marks the rows whose min equals their max. Three equal samples are stuck; fewer are stuck too
+        when they repeat the value a wear signal was last seen stuck at (a stuck sensor's short windows at the
+        start and end of a working day).
         """
-        flat = a[:, HI] - a[:, LO] <= 1e-9 * np.maximum(1.0, np.abs(a[:, LO]))
-        if not flat.any():
-            return set()
         out: set[tuple[int, str]] = set()
-        for row in np.flatnonzero(flat).tolist():
+        for row in (np.flatnonzero(flat[lo:hi]) + lo).tolist():
             sig, value = sigs[row], float(a[row, LO])
             cs = st["sig"].get(sig) if sig in self.channels else None
             if a[row, N] >= 3:
@@ -683,6 +761,64 @@ class Detector:
             elif cs is not None and cs.get("stuckv") == value:
                 out.add((starts[row], sig))
         return out
+
+    def _frozen(self, ch: Channel, w: int, stuck: set[tuple[int, str]]) -> bool:
+        """True when a channel's window is stuck, or the reading it is compared against (``relative_to``) is."""
+        return (w, ch.signal) in stuck or (ch.relative_to is not None and (w, ch.relative_to[0]) in stuck)
+
+    def _close_all(self, tids: list[str], states: dict[str, dict[str, Any]], keys: np.ndarray, acc: np.ndarray,
+                   signals: list[str], out: Outputs) -> None:
+        """``_close`` for every tractor of a batch (keys sorted by tractor code), the numpy part done once for all.
+
+        Each tractor's windows close in the order ``_close`` closes them, tractor after tractor, with the same
+        arithmetic; only the per-tractor numpy calls are gone.
+        """
+        p = self.params
+        count = len(tids)
+        wm = np.array([states[t]["wm"] for t in tids], dtype=np.float64)
+        codes = keys[:, 0]
+        closable = keys[:, 1] + p.window_s + p.lateness_s <= wm[codes] if len(keys) else np.zeros(0, dtype=bool)
+        rest = np.flatnonzero(~closable)
+        shut = np.flatnonzero(closable)
+        shut = shut[np.lexsort((keys[shut, 2], keys[shut, 1], codes[shut]))]
+        edges = np.arange(count + 1)
+        rest_at = np.searchsorted(codes[rest], edges).tolist()
+        shut_at = np.searchsorted(codes[shut], edges).tolist()
+        kept_acc = acc[rest]
+        kept_w = keys[rest, 1].tolist()
+        kept_sig = [signals[i] for i in keys[rest, 2].tolist()]
+        a = acc[shut]
+        n = a[:, N]
+        mean = a[:, SUM] / n
+        std = np.sqrt(np.maximum(a[:, SUMSQ] / n - mean * mean, 0.0))
+        rows = a.tolist()
+        starts = keys[shut, 1].tolist()
+        sig_idx = keys[shut, 2].tolist()
+        counts, means, stds = n.astype(np.int64).tolist(), mean.tolist(), std.tolist()
+        flat = a[:, HI] - a[:, LO] <= 1e-9 * np.maximum(1.0, np.abs(a[:, LO]))
+        sigs = [signals[i] for i in sig_idx]
+        for code, tid in enumerate(tids):
+            st = states[tid]
+            lo, hi = rest_at[code], rest_at[code + 1]
+            if hi > lo:
+                kept = kept_acc[lo:hi].copy()
+                st["open"] = {"w": kept_w[lo:hi], "sig": kept_sig[lo:hi], "width": self.width, "acc": _pack(kept)}
+                _remember(self._acc_memo, tid, (st["open"]["acc"], kept))
+            else:
+                st["open"] = None
+            stuck = self._stuck_windows(st, a, starts, sigs, flat, shut_at[code], shut_at[code + 1]) \
+                if flat[shut_at[code]:shut_at[code + 1]].any() else set()
+            for row in range(shut_at[code], shut_at[code + 1]):
+                w = starts[row]
+                sig = signals[sig_idx[row]]
+                r = {"tractor_id": tid, "signal": sig, "window_start": _dt(w), "window_end": _dt(w + p.window_s),
+                     "count": counts[row], "mean": means[row], "min": rows[row][LO], "max": rows[row][HI],
+                     "std": stds[row], "n_used": 0, "norm_value": None, "level": None, "slope_per_h": None,
+                     "slope_lo": None, "slope_hi": None, "quality_flags": ""}
+                ch = self.channels.get(sig)
+                if ch is not None:
+                    self._close_channel(tid, st, ch, w, rows[row], r, out, self._frozen(ch, w, stuck))
+                out.windows.append(r)
 
     def _close_channel(self, tid: str, st: dict[str, Any], ch: Channel, w: int, a: list[float], r: dict[str, Any],
                        out: Outputs, stuck: bool = False) -> None:
@@ -1136,16 +1272,80 @@ class StateStore:
             if STATE_CACHE_SIZE > 0:
                 self.cache[k] = (token, st)
         c = trend_state.c
-        if fresh:
-            self.session.execute(insert(trend_state), fresh)
+        _execute_many(self.session, "state-insert", insert(trend_state), fresh)
         for rows, cols in ((full, ("state", "live", "generation", "updated_at")),
                            (live, ("live", "generation", "updated_at"))):
             if rows:  # one executemany, not a round trip per tractor
-                self.session.execute(update(trend_state).where(c.tractor_id == bindparam("key"))
-                                     .values({col: bindparam(col) for col in cols}), rows)
+                _execute_many(self.session, f"state-update-{len(cols)}", update(trend_state)
+                              .where(c.tractor_id == bindparam("key")).values({col: bindparam(col) for col in cols}),
+                              rows)
         self.stored.update(states)
         while len(self.cache) > STATE_CACHE_SIZE:
             self.cache.popitem(last=False)
+
+
+_compiled: dict[tuple[str, str], tuple[str, tuple[str, ...], list[Any]]] = {}
+
+
+def _utc_memo(proc: Any) -> Any:
+    """``proc`` remembering its result per UTC datetime (equal datetimes in other zones print differently)."""
+    memo: dict[datetime, Any] = {}
+
+    def run(value: Any) -> Any:
+        if type(value) is not datetime or value.tzinfo is not UTC:
+            return proc(value)
+        out = memo.get(value)
+        if out is None:
+            if len(memo) >= 4096:
+                memo.clear()
+            out = memo[value] = proc(value)
+        return out
+
+    return run
+
+
+def _execute_many(session: Session, key: str, stmt: Any, rows: list[dict[str, Any]]) -> None:
+    """Run ``stmt`` once per row; on SQLite straight through the driver's executemany.
+
+    SQLAlchemy builds and type-processes a parameter dict per row, which costs more than SQLite's own work for the
+    thousands of rows a window close writes. On SQLite the statement is compiled once (per ``key``) and each row's
+    values go through the same column-type bind processors SQLAlchemy would apply. Rows must share their keys.
+    """
+    if not rows:
+        return
+    dialect = session.get_bind().dialect
+    if dialect.name != "sqlite":
+        session.execute(stmt, rows)
+        return
+    entry = _compiled.get((key, dialect.name))
+    if entry is None:
+        compiled = stmt.compile(dialect=dialect, column_keys=list(rows[0]))
+        names = tuple(compiled.positiontup or ())
+        procs = []
+        for name in names:
+            impl = compiled.binds[name].type.dialect_impl(dialect)
+            proc = impl.bind_processor(dialect)
+            if proc is not None and isinstance(impl, DateTime):  # a batch's rows share a few window bounds
+                proc = _utc_memo(proc)
+            procs.append(proc)
+        entry = _compiled[(key, dialect.name)] = (compiled.string, names, procs)
+    sql, names, procs = entry
+    if not set(names) <= rows[0].keys():
+        session.execute(stmt, rows)
+        return
+    get = itemgetter(*names)
+    if len(names) == 1:
+        params: list[Any] = [(get(row),) for row in rows]
+    else:
+        params = [get(row) for row in rows]
+    typed = [(i, proc) for i, proc in enumerate(procs) if proc is not None]
+    if typed:
+        for r, values in enumerate(params):
+            values = list(values)
+            for i, proc in typed:
+                values[i] = proc(values[i])
+            params[r] = tuple(values)
+    session.connection().exec_driver_sql(sql, params)
 
 
 def _upsert_health(session: Session, rows: list[dict[str, Any]]) -> None:
@@ -1205,8 +1405,7 @@ def handler(event: dict[str, Any], context: Context) -> None:
         return store.load([tid]).get(tid)
 
     out = detector.process(frame, states, partitions, load_state)
-    if out.windows:
-        session.execute(insert(trend_windows), out.windows)
+    _execute_many(session, "windows-insert", insert(trend_windows), out.windows)
     _upsert_health(session, list(out.health.values()))
     for alert in out.alerts:
         context.emit(ALERT_TOPIC, alert["tractor_id"], alert)

@@ -1,0 +1,119 @@
+"""The trend function's fast paths give what their plain counterparts give: dedupe verdicts, stored rows."""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from sqlalchemy import insert, select
+
+from tests.trends.test_detect import OIL_PUMP, fleet_records
+from trends.detect import Detector, Outputs, Params, _execute_many, flatten
+from trends.tables import trend_state, trend_windows
+
+
+def _frame(rng: np.random.Generator, tractors: int, seq_hi: int, n: int) -> pd.DataFrame:
+    return pd.DataFrame({"partition": "telemetry-0",
+                         "tractor_id": [f"T{int(i)}" for i in rng.integers(0, tractors, n)],
+                         "seq": rng.integers(1, seq_hi, n), "ts": rng.integers(0, 50, n).astype(float),
+                         "oil": rng.normal(size=n)})
+
+
+@pytest.mark.parametrize("max_seqs", [64, 4096])
+def test_integer_bitmap_dedupe_keeps_and_stores_what_the_numpy_bitmap_does(max_seqs: int) -> None:
+    rng = np.random.default_rng(7)
+    fast, plain = Detector([], Params(max_seqs=max_seqs)), Detector([], Params(max_seqs=max_seqs))
+    plain.bitmap_as_int = False
+    states_fast: dict[str, dict[str, Any]] = {}
+    states_plain: dict[str, dict[str, Any]] = {}
+    legacy = {"wm": 0.0, "dd": None, "open": None, "sig": {}, "episodes": {}, "replaced": {}, "seqs": [3, 5, 9]}
+    states_fast["T0"], states_plain["T0"] = copy.deepcopy(legacy), copy.deepcopy(legacy)
+    seq_hi = 40
+    for _ in range(60):  # seqs jump ahead, repeat, arrive late and fall out of the bitmap's range
+        seq_hi += int(rng.integers(0, 3 * max_seqs // 2 if rng.random() < 0.1 else 30))
+        frame = _frame(rng, 6, seq_hi, 40)
+        for tid in frame["tractor_id"].unique():
+            states_fast.setdefault(tid, {"wm": 0.0, "dd": None, "open": None, "sig": {}, "episodes": {},
+                                         "replaced": {}})
+            states_plain.setdefault(tid, copy.deepcopy(states_fast[tid]))
+        kept_fast = fast.dedupe(frame, states_fast, Outputs())
+        kept_plain = plain.dedupe(frame, states_plain, Outputs())
+        pd.testing.assert_frame_equal(kept_fast, kept_plain)
+        assert states_fast == states_plain
+        if rng.random() < 0.2:  # a state reloaded from the table: same text, a new object
+            for st in states_fast.values():
+                if st.get("dd"):
+                    st["dd"] = [st["dd"][0], "".join(list(st["dd"][1]))]
+
+
+def _window_rows(n: int) -> list[dict[str, Any]]:
+    t0 = datetime(2026, 3, 1, tzinfo=UTC)
+    return [{"tractor_id": f"T{i % 7}", "signal": f"s{i // 7}", "window_start": t0 + timedelta(seconds=10 * (i % 3)),
+             "window_end": t0 + timedelta(seconds=10 * (i % 3) + 10), "count": i, "mean": i / 3, "min": -0.0,
+             "max": 1e300, "std": 0.1 * i, "n_used": None if i % 2 else i, "norm_value": None, "level": 1.5,
+             "slope_per_h": None, "slope_lo": -1e-9, "slope_hi": None, "quality_flags": "stuck" if i % 5 else ""}
+            for i in range(n)]
+
+
+def test_driver_executemany_stores_the_rows_sqlalchemy_would(tmp_path: Path) -> None:
+    from fleetwatch.db import upgrade
+    from functions.db import make_engine, make_sessions
+
+    stored = []
+    for name, fast in (("plain", False), ("fast", True)):
+        url = f"sqlite:///{tmp_path / f'{name}.db'}"
+        upgrade(url)
+        engine = make_engine(url)
+        states = [{"tractor_id": f"T{i}", "state": {"sig": {"oil": {"sigma": float("nan"), "k": [1, 2.5]}}},
+                   "live": {"wm": 1.0 * i, "dd": [i, "AAA="]}, "generation": i + 1,
+                   "updated_at": datetime(2026, 3, 1, 12, 0, i, 123456, tzinfo=UTC)} for i in range(5)]
+        with make_sessions(engine)() as session:
+            if fast:
+                _execute_many(session, "test-windows", insert(trend_windows), _window_rows(50))
+                _execute_many(session, "test-states", insert(trend_state), states)
+            else:
+                session.execute(insert(trend_windows), _window_rows(50))
+                session.execute(insert(trend_state), states)
+            session.commit()
+        with engine.connect() as conn:  # the stored text itself, not SQLAlchemy's reading of it
+            stored.append([conn.exec_driver_sql(f"SELECT * FROM {t} ORDER BY 1, 2, 3").all()
+                           for t in ("trend_windows", "trend_state")])
+            states_read = conn.execute(select(trend_state.c.state)).scalars().all()
+        engine.dispose()
+    windows_plain, states_plain = stored[0]
+    windows_fast, states_fast = stored[1]
+    assert windows_fast == windows_plain and len(windows_fast) == 50
+    assert [r[2:] for r in states_fast] == [r[2:] for r in states_plain]  # updated_at, live, generation
+    assert len(states_read) == 5
+
+
+def _run_batches(det: Detector, records: list[dict[str, Any]], batch: int) -> tuple[Any, ...]:
+    states: dict[str, Any] = {}
+    partitions: dict[str, Any] = {}
+    windows, alerts, health = [], [], []
+    for a in range(0, len(records), batch):
+        out = det.process(flatten(records[a:a + batch]), states, partitions, lambda t: states.get(t))
+        windows += out.windows
+        alerts += out.alerts
+        health += list(out.health.items())
+    return json.dumps([states, partitions], sort_keys=True), windows, alerts, health
+
+
+@pytest.mark.parametrize("batch", [37, 300])
+def test_closing_every_tractor_in_one_pass_gives_what_closing_each_in_turn_gives(batch: int) -> None:
+    def level(i: int, t: float) -> float:  # one pump wears, one jumps, the rest stay healthy
+        return 320.0 - 170.0 * max(0.0, (t - 5) / 30) if i == 0 else (250.0 if i == 1 and t > 12 else 320.0)
+
+    records = fleet_records(24, tractors=4, level=level, offset=(2, 8, 25.0))
+    together = Detector([OIL_PUMP], Params())
+    each = Detector([OIL_PUMP], Params())
+    each.close_together = False
+    got, want = _run_batches(together, records, batch), _run_batches(each, records, batch)
+    assert got[1] and got[2]  # windows closed and alerts raised: the comparison covers both
+    assert got == want
