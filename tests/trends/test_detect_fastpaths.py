@@ -117,3 +117,30 @@ def test_closing_every_tractor_in_one_pass_gives_what_closing_each_in_turn_gives
     got, want = _run_batches(together, records, batch), _run_batches(each, records, batch)
     assert got[1] and got[2]  # windows closed and alerts raised: the comparison covers both
     assert got == want
+
+
+@pytest.mark.services
+def test_trend_rows_copied_into_postgresql_read_back_as_inserted_ones(pg_url: str) -> None:
+    from fleetwatch.db import upgrade
+    from functions.db import make_engine, make_sessions
+
+    upgrade(pg_url)
+    engine = make_engine(pg_url)
+    rows = _window_rows(50)
+    copied = [dict(r, tractor_id="COPY-" + r["tractor_id"]) for r in rows]
+    copied[3]["norm_value"] = float("nan")
+    plain = [dict(r, norm_value=float("nan")) if i == 3 else r for i, r in enumerate(rows)]
+    try:
+        with make_sessions(engine)() as session:
+            _execute_many(session, "test-copy", insert(trend_windows), copied, copy_into=trend_windows)
+            session.execute(insert(trend_windows), plain)
+            session.commit()
+        with engine.connect() as conn:
+            got = conn.execute(select(trend_windows).order_by(trend_windows.c.tractor_id, trend_windows.c.signal,
+                                                              trend_windows.c.window_start)).mappings().all()
+    finally:
+        engine.dispose()
+    by_copy = [dict(r, tractor_id=r["tractor_id"][5:]) for r in got if r["tractor_id"].startswith("COPY-")]
+    by_insert = [dict(r) for r in got if not r["tractor_id"].startswith("COPY-")]
+    assert len(by_copy) == 50
+    assert json.dumps(by_copy, default=str) == json.dumps(by_insert, default=str)
