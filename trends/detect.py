@@ -135,8 +135,8 @@ class Params:
     min_progress: float = 0.25  # share of the way from baseline to failure before any alert
     growth_days: int = 5  # days the accelerating-wear fit (log of progress) looks back over; < 3 turns it off
     growth_floor: float = 0.05  # progress below this is noise to the log fit (those days are left out)
-    growth_progress: float = 0.15  # share of the way to failure before the growth fit may alert…
-    growth_sigmas: float = 0.0  # …and at least this many day-trend residual scales (noisy signals wait longer)
+    growth_progress: float = 0.2  # share of the way to failure before the growth fit may alert…
+    growth_sigmas: float = 3.0  # …and at least this many day-trend residual scales (noisy signals wait longer)
     single_look_sigmas: float = 0.0  # one look (not confirm_days) suffices this many wanders out; 0 = off
     offset_share: float = 0.15  # a deviation under this share of nominal may be a calibration step: needs a slope
     step_progress: float = 0.5  # a level held this far toward failure alerts even without a slope
