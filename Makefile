@@ -64,6 +64,11 @@ bench-runtime: install
 bench-trends: install
 	$(BIN)/python -m bench.bench_trends
 
+## acceptance: issue 6's run: full mixed-wear fleet (500 x 180 days) end to end on a fresh stack with PostgreSQL, scored (~40 min)
+.PHONY: acceptance
+acceptance: install
+	$(BIN)/python -m bench.acceptance
+
 ## chaos: kill -9 each process in turn during a fleet run, then reconcile; exit 1 if anything was lost or doubled
 chaos: install
 	$(BIN)/fleetwatch chaos --seed $(or $(SEED),7) --kills $(or $(KILLS),2)

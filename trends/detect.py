@@ -335,6 +335,22 @@ def _reduce(keys: np.ndarray, acc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return keys[starts], out
 
 
+class _Closing:
+    """The windows a batch closes (accumulator rows in closing order) with their statistics as Python values."""
+
+    def __init__(self, a: np.ndarray, starts: np.ndarray, sigs: list[str]) -> None:
+        n = a[:, N]
+        mean = a[:, SUM] / n
+        std = np.sqrt(np.maximum(a[:, SUMSQ] / n - mean * mean, 0.0))
+        self.rows: list[list[float]] = a.tolist()
+        self.starts: list[int] = starts.tolist()
+        self.sigs = sigs
+        self.counts: list[int] = n.astype(np.int64).tolist()
+        self.means: list[float] = mean.tolist()
+        self.stds: list[float] = std.tolist()
+        self.flat = a[:, HI] - a[:, LO] <= 1e-9 * np.maximum(1.0, np.abs(a[:, LO]))  # min = max: maybe stuck
+
+
 class Detector:
     """The compute path: batch of samples + per-tractor states → updated states, trend rows, health, alerts."""
 
@@ -720,41 +736,38 @@ class Detector:
             return
         idx = np.flatnonzero(closable)
         idx = idx[np.lexsort((keys[idx, 2], keys[idx, 1]))]
-        a = acc[idx]
-        n = a[:, N]
-        mean = a[:, SUM] / n
-        std = np.sqrt(np.maximum(a[:, SUMSQ] / n - mean * mean, 0.0))
-        rows = a.tolist()
-        starts = keys[idx, 1].tolist()
-        sig_idx = keys[idx, 2].tolist()
-        counts, means, stds = n.astype(np.int64).tolist(), mean.tolist(), std.tolist()
-        flat = a[:, HI] - a[:, LO] <= 1e-9 * np.maximum(1.0, np.abs(a[:, LO]))
-        stuck = self._stuck_windows(st, a, starts, [signals[i] for i in sig_idx], flat, 0, len(a))
-        for row in range(len(idx)):
+        closing = _Closing(acc[idx], keys[idx, 1], [signals[i] for i in keys[idx, 2].tolist()])
+        self._close_windows(tid, st, closing, 0, len(idx), out)
+
+    def _close_windows(self, tid: str, st: dict[str, Any], c: _Closing, lo: int, hi: int, out: Outputs) -> None:
+        """Trend rows (and channel updates) for closing windows ``lo:hi`` of ``c``, all of tractor ``tid``."""
+        p = self.params
+        stuck = self._stuck_windows(st, c, lo, hi) if c.flat[lo:hi].any() else set()
+        rows, starts, sigs = c.rows, c.starts, c.sigs
+        for row in range(lo, hi):
             w = starts[row]
-            sig = signals[sig_idx[row]]
+            sig = sigs[row]
             r = {"tractor_id": tid, "signal": sig, "window_start": _dt(w), "window_end": _dt(w + p.window_s),
-                 "count": counts[row], "mean": means[row], "min": rows[row][LO], "max": rows[row][HI],
-                 "std": stds[row], "n_used": 0, "norm_value": None, "level": None, "slope_per_h": None,
+                 "count": c.counts[row], "mean": c.means[row], "min": rows[row][LO], "max": rows[row][HI],
+                 "std": c.stds[row], "n_used": 0, "norm_value": None, "level": None, "slope_per_h": None,
                  "slope_lo": None, "slope_hi": None, "quality_flags": ""}
             ch = self.channels.get(sig)
             if ch is not None:
                 self._close_channel(tid, st, ch, w, rows[row], r, out, self._frozen(ch, w, stuck))
             out.windows.append(r)
 
-    def _stuck_windows(self, st: dict[str, Any], a: np.ndarray, starts: list[int], sigs: list[str],
-                       flat: np.ndarray, lo: int, hi: int) -> set[tuple[int, str]]:
+    def _stuck_windows(self, st: dict[str, Any], c: _Closing, lo: int, hi: int) -> set[tuple[int, str]]:
         """(window start, signal) of closing rows ``lo:hi`` (one tractor's) whose sensor is stuck: one value all along.
 
-        ``flat`` marks the rows whose min equals their max. Three equal samples are stuck; fewer are stuck too
-        when they repeat the value a wear signal was last seen stuck at (a stuck sensor's short windows at the
-        start and end of a working day).
+        Three equal samples are stuck; fewer are stuck too when they repeat the value a wear signal was last seen
+        stuck at (a stuck sensor's short windows at the start and end of a working day).
         """
         out: set[tuple[int, str]] = set()
-        for row in (np.flatnonzero(flat[lo:hi]) + lo).tolist():
-            sig, value = sigs[row], float(a[row, LO])
+        starts, sigs = c.starts, c.sigs
+        for row in (np.flatnonzero(c.flat[lo:hi]) + lo).tolist():
+            sig, value = sigs[row], c.rows[row][LO]
             cs = st["sig"].get(sig) if sig in self.channels else None
-            if a[row, N] >= 3:
+            if c.rows[row][N] >= 3:
                 out.add((starts[row], sig))
                 if cs is not None:
                     cs["stuckv"] = value
@@ -787,16 +800,7 @@ class Detector:
         kept_acc = acc[rest]
         kept_w = keys[rest, 1].tolist()
         kept_sig = [signals[i] for i in keys[rest, 2].tolist()]
-        a = acc[shut]
-        n = a[:, N]
-        mean = a[:, SUM] / n
-        std = np.sqrt(np.maximum(a[:, SUMSQ] / n - mean * mean, 0.0))
-        rows = a.tolist()
-        starts = keys[shut, 1].tolist()
-        sig_idx = keys[shut, 2].tolist()
-        counts, means, stds = n.astype(np.int64).tolist(), mean.tolist(), std.tolist()
-        flat = a[:, HI] - a[:, LO] <= 1e-9 * np.maximum(1.0, np.abs(a[:, LO]))
-        sigs = [signals[i] for i in sig_idx]
+        closing = _Closing(acc[shut], keys[shut, 1], [signals[i] for i in keys[shut, 2].tolist()])
         for code, tid in enumerate(tids):
             st = states[tid]
             lo, hi = rest_at[code], rest_at[code + 1]
@@ -806,19 +810,7 @@ class Detector:
                 _remember(self._acc_memo, tid, (st["open"]["acc"], kept))
             else:
                 st["open"] = None
-            stuck = self._stuck_windows(st, a, starts, sigs, flat, shut_at[code], shut_at[code + 1]) \
-                if flat[shut_at[code]:shut_at[code + 1]].any() else set()
-            for row in range(shut_at[code], shut_at[code + 1]):
-                w = starts[row]
-                sig = signals[sig_idx[row]]
-                r = {"tractor_id": tid, "signal": sig, "window_start": _dt(w), "window_end": _dt(w + p.window_s),
-                     "count": counts[row], "mean": means[row], "min": rows[row][LO], "max": rows[row][HI],
-                     "std": stds[row], "n_used": 0, "norm_value": None, "level": None, "slope_per_h": None,
-                     "slope_lo": None, "slope_hi": None, "quality_flags": ""}
-                ch = self.channels.get(sig)
-                if ch is not None:
-                    self._close_channel(tid, st, ch, w, rows[row], r, out, self._frozen(ch, w, stuck))
-                out.windows.append(r)
+            self._close_windows(tid, st, closing, shut_at[code], shut_at[code + 1], out)
 
     def _close_channel(self, tid: str, st: dict[str, Any], ch: Channel, w: int, a: list[float], r: dict[str, Any],
                        out: Outputs, stuck: bool = False) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -11,10 +10,11 @@ import orjson
 from sqlalchemy import JSON, BigInteger, Column, DateTime, Dialect, Float, Index, Integer, MetaData, String, Table
 from sqlalchemy.types import TypeDecorator
 
+from functions.model import loads_json
+
 metadata = MetaData()
 
 _ORJSON_OPTIONS = orjson.OPT_NON_STR_KEYS
-_LONG_DIGITS = re.compile(rb"[0-9]{19}")
 
 
 def encode_state(value: Any) -> str:
@@ -33,18 +33,8 @@ def encode_state(value: Any) -> str:
 
 
 def decode_state(text: str | bytes) -> Any:
-    """A state from its JSON text, as ``json.loads`` reads it (orjson unless the text needs the stdlib parser).
-
-    The stdlib parser takes what orjson refuses (NaN, infinity) and any text with a run of 19+ digits (orjson would
-    read an integer beyond 64 bits as a float).
-    """
-    raw = text.encode() if isinstance(text, str) else text
-    if not _LONG_DIGITS.search(raw):
-        try:
-            return orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            pass
-    return json.loads(text)
+    """A state from its JSON text, as ``json.loads`` reads it (orjson unless the text needs the stdlib parser)."""
+    return loads_json(text)
 
 
 class StateJSON(TypeDecorator[Any]):
