@@ -699,12 +699,11 @@ class Detector:
                 sigs = sorted(set(op["sig"]))
                 keys = np.column_stack([np.zeros(len(op["w"]), dtype=np.int64), op["w"],
                                         [sigs.index(s) for s in op["sig"]]])
-                acc = _unpack(op["acc"], op["width"])
                 if op["width"] != self.width:
                     st["open"] = None
                     ps["open"].pop(tid, None)
                     continue
-                keys, acc = _reduce(keys, acc)
+                keys, acc = _reduce(keys, self._open_acc(tid, op))
                 # Close as if the tractor's own clock had reached the partition's (minus the idle allowance).
                 st["wm"] = max(st["wm"], horizon)
                 self._close(tid, st, keys, acc, sigs, st["wm"], out)
@@ -725,19 +724,21 @@ class Detector:
             return
         closable = keys[:, 1] + p.window_s + p.lateness_s <= wm
         rest = ~closable
-        if rest.any():
-            kept = acc[rest]
-            st["open"] = {"w": keys[rest, 1].tolist(), "sig": [signals[i] for i in keys[rest, 2]],
-                          "width": self.width, "acc": _pack(kept)}
-            _remember(self._acc_memo, tid, (st["open"]["acc"], kept))
-        else:
-            st["open"] = None
+        self._keep_open(tid, st, keys[rest, 1].tolist(), [signals[i] for i in keys[rest, 2]], acc[rest])
         if not closable.any():
             return
         idx = np.flatnonzero(closable)
         idx = idx[np.lexsort((keys[idx, 2], keys[idx, 1]))]
         closing = _Closing(acc[idx], keys[idx, 1], [signals[i] for i in keys[idx, 2].tolist()])
         self._close_windows(tid, st, closing, 0, len(idx), out)
+
+    def _keep_open(self, tid: str, st: dict[str, Any], w: list[Any], sigs: list[str], kept: np.ndarray) -> None:
+        """Store the windows still open (none: ``open`` = None), remembering their decoded accumulators."""
+        if not len(kept):
+            st["open"] = None
+            return
+        st["open"] = {"w": w, "sig": sigs, "width": self.width, "acc": _pack(kept)}
+        _remember(self._acc_memo, tid, (st["open"]["acc"], kept))
 
     def _close_windows(self, tid: str, st: dict[str, Any], c: _Closing, lo: int, hi: int, out: Outputs) -> None:
         """Trend rows (and channel updates) for closing windows ``lo:hi`` of ``c``, all of tractor ``tid``."""
@@ -804,12 +805,7 @@ class Detector:
         for code, tid in enumerate(tids):
             st = states[tid]
             lo, hi = rest_at[code], rest_at[code + 1]
-            if hi > lo:
-                kept = kept_acc[lo:hi].copy()
-                st["open"] = {"w": kept_w[lo:hi], "sig": kept_sig[lo:hi], "width": self.width, "acc": _pack(kept)}
-                _remember(self._acc_memo, tid, (st["open"]["acc"], kept))
-            else:
-                st["open"] = None
+            self._keep_open(tid, st, kept_w[lo:hi], kept_sig[lo:hi], kept_acc[lo:hi].copy())
             self._close_windows(tid, st, closing, shut_at[code], shut_at[code + 1], out)
 
     def _close_channel(self, tid: str, st: dict[str, Any], ch: Channel, w: int, a: list[float], r: dict[str, Any],
@@ -1315,12 +1311,11 @@ def _copy(session: Session, table: Table, rows: list[dict[str, Any]]) -> None:
             copy.write_row(get(row))
 
 
-def _execute_many(session: Session, key: str, stmt: Any, rows: list[dict[str, Any]],
-                  copy_into: Table | None = None) -> None:
+def _execute_many(session: Session, key: str, stmt: Any, rows: list[dict[str, Any]], copy: bool = False) -> None:
     """Run ``stmt`` once per row; on SQLite straight through the driver's executemany, on PostgreSQL by COPY.
 
-    ``copy_into`` names the table of an INSERT whose values need no type processing (numbers, text, aware
-    datetimes): on PostgreSQL those rows are streamed with COPY.
+    ``copy`` marks an INSERT whose values need no type processing (numbers, text, aware datetimes): on
+    PostgreSQL those rows are streamed into the statement's table with COPY.
 
     SQLAlchemy builds and type-processes a parameter dict per row, which costs more than SQLite's own work for the
     thousands of rows a window close writes. On SQLite the statement is compiled once (per ``key``) and each row's
@@ -1329,8 +1324,8 @@ def _execute_many(session: Session, key: str, stmt: Any, rows: list[dict[str, An
     if not rows:
         return
     dialect = session.get_bind().dialect
-    if dialect.name == "postgresql" and copy_into is not None:
-        _copy(session, copy_into, rows)
+    if dialect.name == "postgresql" and copy:
+        _copy(session, stmt.table, rows)
         return
     if dialect.name != "sqlite":
         session.execute(stmt, rows)
@@ -1423,7 +1418,7 @@ def handler(event: dict[str, Any], context: Context) -> None:
         return store.load([tid]).get(tid)
 
     out = detector.process(frame, states, partitions, load_state)
-    _execute_many(session, "windows-insert", insert(trend_windows), out.windows, copy_into=trend_windows)
+    _execute_many(session, "windows-insert", insert(trend_windows), out.windows, copy=True)
     _upsert_health(session, list(out.health.values()))
     for alert in out.alerts:
         context.emit(ALERT_TOPIC, alert["tractor_id"], alert)

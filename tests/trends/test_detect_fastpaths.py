@@ -132,7 +132,7 @@ def test_trend_rows_copied_into_postgresql_read_back_as_inserted_ones(pg_url: st
     plain = [dict(r, norm_value=float("nan")) if i == 3 else r for i, r in enumerate(rows)]
     try:
         with make_sessions(engine)() as session:
-            _execute_many(session, "test-copy", insert(trend_windows), copied, copy_into=trend_windows)
+            _execute_many(session, "test-copy", insert(trend_windows), copied, copy=True)
             session.execute(insert(trend_windows), plain)
             session.commit()
         with engine.connect() as conn:
