@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from fleetwatch.settings import Settings
 from functions.model import Context
-from trends.maths import Trend, cusum_step, fit_growth, fit_trend, forecast, growth_forecast, health, solve_normaliser
+from trends.maths import Trend, cusum_step, fit_growth, fit_trend, forecast, growth_forecast, health, solve_moments
 from trends.tables import part_health, trend_state, trend_windows
 
 ALERT_TOPIC = "wear-alerts"
@@ -369,6 +369,15 @@ class Detector:
         self._dd_memo: dict[str, tuple[str, int]] = {}
         self._acc_memo: dict[str, tuple[str, np.ndarray]] = {}
         # Nominal → failure distance of each channel in regression space (the widest of its parts).
+        # Per covariate count k: where a window's (k + 2)² moment block sits in its accumulator row, and the
+        # (row, column) of each entry.
+        self._moment_at: dict[int, list[int]] = {}
+        self._pairs: dict[int, list[tuple[int, int]]] = {}
+        for k in {c.k for c in self.channels.values()}:
+            sel = [*range(k + 1), self.d - 1]
+            self._moment_at[k] = [BASE + i * self.d + j for i in sel for j in sel]
+            self._pairs[k] = [(i, j) for i in range(k + 2) for j in range(k + 2)]
+        self.scales_sq = {sig: [max(abs(r), 1.0) ** 2 for r in ch.refs.tolist()] for sig, ch in self.channels.items()}
         self.spans = {sig: max(abs(ch.transform(p.nominal) - ch.transform(p.failure)) for p in ch.parts)
                       for sig, ch in self.channels.items()}
 
@@ -817,7 +826,7 @@ class Detector:
                                                "since": 0, "refit": 0})
         flags: list[str] = []
         nu = a[N_USED]
-        k, d = ch.k, self.d
+        k = ch.k
         t_h = (w + p.window_s / 2) / 3600.0
         norm = None
         if stuck:  # a stuck sensor says nothing about the part: neither a value nor evidence that the level moved
@@ -826,34 +835,31 @@ class Detector:
             cs["rej"] = 0
             cs["rejv"] = []
             # Plain floats: a window's moment block is at most 4 × 4, numpy calls would cost more than the maths.
-            sel = [*range(k + 1), d - 1]
-            m = [[a[BASE + i * d + j] for j in sel] for i in sel]
+            size = k + 2
+            m = [a[i] for i in self._moment_at[k]]  # row-major size × size: [1, covariates, y]
             beta = cs["beta"] if cs["beta"] is not None else [0.0] * k
             y = k + 1
-            u = (m[0][y] - sum(beta[j] * m[0][1 + j] for j in range(k))) / nu
+            u = (m[y] - sum(beta[j] * m[1 + j] for j in range(k))) / nu
             v = [0.0, *(-b for b in beta), 1.0]
-            vmv = sum(v[i] * v[j] * m[i][j] for i in range(1, k + 2) for j in range(1, k + 2))
+            vmv = sum(v[i] * v[j] * m[i * size + j] for i in range(1, k + 2) for j in range(1, k + 2))
             resid_var = max(vmv / nu - u * u, 0.0)
             if nu >= 3 and cs["sigma"] > 0 and math.sqrt(resid_var) > p.noisy_ratio * cs["sigma"]:
                 flags.append("noisy")
             else:
                 # Pool only the scatter *within* windows: wear moves the level between windows, not inside one,
                 # so the condition effects are learnt free of the wear trend.
-                size = k + 2
                 old = cs["S"] or [0.0] * (size * size)
                 decay = self.decay
-                new_s = [decay * old[i * size + j] + m[i][j] - m[0][i] * m[0][j] / nu
-                         for i in range(size) for j in range(size)]
+                new_s = [decay * o + x - m[i] * m[j] / nu for o, x, (i, j) in zip(old, m, self._pairs[k], strict=True)]
                 new_s[0] = decay * old[0] + nu
                 cs["S"] = new_s
                 cs["refit"] += 1
                 if cs["beta"] is None or cs["refit"] >= p.refit_windows:
-                    fit = solve_normaliser(np.asarray(new_s).reshape(size, size), np.maximum(np.abs(ch.refs), 1.0),
-                                           ridge=1e-5)
+                    fit = solve_moments(new_s, size, self.scales_sq[ch.signal], 1e-5)
                     if fit is not None:
-                        cs["beta"], cs["sigma"], cs["refit"] = fit.beta.tolist(), fit.sigma, 0
+                        cs["beta"], cs["sigma"], cs["refit"] = fit[0][1:], fit[1], 0
                         beta = cs["beta"]
-                        u = (m[0][y] - sum(beta[j] * m[0][1 + j] for j in range(k))) / nu
+                        u = (m[y] - sum(beta[j] * m[1 + j] for j in range(k))) / nu
                 if new_s[0] >= p.min_samples:
                     norm = ch.untransform(u)
                 cs["level"] = u

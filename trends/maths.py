@@ -159,21 +159,60 @@ def solve_normaliser(m: np.ndarray, scales: np.ndarray, ridge: float = 4e-4) -> 
     ``scales`` are the covariates' typical magnitudes: a small ridge of ``ridge · n · scale²`` keeps the
     fit stable when a covariate hardly varies (it then gets a coefficient near zero).
     """
-    k = m.shape[0] - 2
-    n = float(m[0, 0])
+    size = m.shape[0]
+    scales_sq = [float(x) ** 2 for x in np.asarray(scales, dtype=np.float64).ravel()]
+    fit = solve_moments(np.asarray(m, dtype=np.float64).ravel().tolist(), size, scales_sq, ridge)
+    if fit is None:
+        return None
+    coef, sigma = fit
+    return Normaliser(intercept=coef[0], beta=np.asarray(coef[1:], dtype=np.float64), sigma=sigma, n=float(m[0, 0]))
+
+
+def solve_moments(s: list[float], size: int, scales_sq: list[float], ridge: float) -> tuple[list[float], float] | None:
+    """``solve_normaliser`` on plain floats: ([intercept, *beta], sigma) from a row-major ``size`` × ``size`` matrix.
+
+    A window's refit solves at most a 4 × 4 system, where numpy's per-call overhead cost more than the arithmetic:
+    this is Gaussian elimination with partial pivoting (what LAPACK's solve does) in Python. None when there are
+    too few samples or the system is singular.
+    """
+    k = size - 2
+    n = s[0]
     if n < k + 3:
         return None
-    a = m[: k + 1, : k + 1].copy()
-    b = m[: k + 1, k + 1]
-    if k:
-        a[np.arange(1, k + 1), np.arange(1, k + 1)] += ridge * n * np.asarray(scales, dtype=np.float64) ** 2
-    try:
-        coef = np.linalg.solve(a, b)
-    except np.linalg.LinAlgError:
-        return None
-    sse = float(m[k + 1, k + 1] - 2 * coef @ b + coef @ m[: k + 1, : k + 1] @ coef)
-    sigma = math.sqrt(max(sse, 0.0) / max(n - k - 1, 1.0))
-    return Normaliser(intercept=float(coef[0]), beta=coef[1:], sigma=sigma, n=n)
+    q = k + 1  # unknowns: intercept and k covariate coefficients
+    rows = [s[i * size: (i + 1) * size] for i in range(q)]  # [A | b]: b is the y column (index q)
+    for i in range(1, q):
+        rows[i][i] += ridge * n * scales_sq[i - 1]
+    for col in range(q):
+        pivot, big = col, abs(rows[col][col])
+        for r in range(col + 1, q):
+            if abs(rows[r][col]) > big:
+                pivot, big = r, abs(rows[r][col])
+        if big == 0.0:
+            return None
+        if pivot != col:
+            rows[col], rows[pivot] = rows[pivot], rows[col]
+        top = rows[col]
+        for r in range(col + 1, q):
+            row = rows[r]
+            f = row[col] / top[col]
+            if f:
+                for j in range(col + 1, size):
+                    row[j] -= f * top[j]
+    coef = [0.0] * q
+    for i in range(q - 1, -1, -1):
+        row = rows[i]
+        acc = row[q]
+        for j in range(i + 1, q):
+            acc -= row[j] * coef[j]
+        coef[i] = acc / row[i]
+    sse = s[q * size + q]  # Σy² − 2 coef·b + coef·A·coef, with A without the ridge
+    for i in range(q):
+        ci = coef[i]
+        sse -= 2.0 * ci * s[i * size + q]
+        for j in range(q):
+            sse += ci * coef[j] * s[i * size + j]
+    return coef, math.sqrt(max(sse, 0.0) / max(n - k - 1, 1.0))
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from trends.maths import (
     health,
     moments,
     robust_scale,
+    solve_moments,
     solve_normaliser,
 )
 
@@ -83,6 +84,32 @@ def test_a_covariate_that_never_moves_gets_no_weight() -> None:
     x = np.full((500, 1), 10.0)  # always 10 above its reference: collinear with the intercept
     fit = solve_normaliser(moments(x, y), scales=np.array([60.0]))
     assert fit is not None and abs(fit.beta[0]) < 0.1
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
+def test_the_per_window_solve_matches_lapack(k: int) -> None:
+    rng = np.random.default_rng(10 + k)
+    for _ in range(20):
+        n = int(rng.integers(k + 3, 400))
+        x = rng.normal(0, rng.uniform(0.1, 50, k), (n, k))
+        y = 10.0 + x @ rng.normal(0, 2, k) + rng.normal(0, 1, n)
+        m = moments(x, y)
+        scales = rng.uniform(1, 100, k)
+        a = m[: k + 1, : k + 1].copy()
+        a[np.arange(1, k + 1), np.arange(1, k + 1)] += 1e-3 * n * scales**2
+        ref = np.linalg.solve(a, m[: k + 1, k + 1])
+        got = solve_moments(m.ravel().tolist(), k + 2, (scales**2).tolist(), 1e-3)
+        assert got is not None
+        assert got[0] == pytest.approx(ref.tolist(), rel=1e-9, abs=1e-9)
+        resid = y - ref[0] - x @ ref[1:]
+        assert got[1] == pytest.approx(np.sqrt(resid @ resid / max(n - k - 1, 1)), rel=1e-3)
+
+
+def test_the_per_window_solve_refuses_too_few_samples_and_a_singular_system() -> None:
+    m = moments(np.zeros((10, 1)), np.arange(10.0))  # the covariate never moves and there is no ridge
+    assert solve_moments(m.ravel().tolist(), 3, [1.0], 0.0) is None
+    assert solve_moments(moments(np.ones((3, 1)), np.ones(3)).ravel().tolist(), 3, [1.0], 1e-3) is None
+    assert solve_normaliser(m, scales=np.array([1.0]), ridge=0.0) is None
 
 
 def test_forecast_time_to_threshold_with_its_range() -> None:
