@@ -237,6 +237,23 @@ def build_event(records: Sequence[Record], source: str = "fleetwatch:kafka", ext
     return event
 
 
+def json_values(records: Sequence[dict[str, Any]]) -> list[Any]:
+    """Each event record's decoded JSON value (None when not JSON), without the lazy-field lookups per record.
+
+    For handlers that read every record's value: the runtime's records decode straight from their Kafka record;
+    any other dict gives its ``json`` entry.
+    """
+    out: list[Any] = []
+    add = out.append
+    for r in records:
+        if type(r) is EventRecord:
+            got = dict.get(r, "json", _UNDECODED)
+            add(r._record.json() if got is _UNDECODED else got)
+        else:
+            add(r.get("json"))
+    return out
+
+
 def event_records(event: dict[str, Any]) -> list[dict[str, Any]]:
     """All records of an event in partition order, for handlers that don't care about grouping."""
     return [r for recs in event.get("records", {}).values() for r in recs]

@@ -27,7 +27,7 @@ from sqlalchemy import DateTime, Table, bindparam, insert, inspect, select, text
 from sqlalchemy.orm import Session
 
 from fleetwatch.settings import Settings
-from functions.model import Context
+from functions.model import Context, json_values
 from trends.maths import Trend, cusum_step, fit_growth, fit_trend, forecast, growth_forecast, health, solve_moments
 from trends.tables import part_health, trend_state, trend_windows
 
@@ -229,30 +229,36 @@ def flatten(records: list[dict[str, Any]]) -> pd.DataFrame:
     readings: list[dict[str, Any]] = []
     blocks: dict[tuple[str, ...], tuple[list[int], list[list[Any]]]] = {}
     labels: dict[tuple[Any, Any], str] = {}
-    for r in records:
-        msg = r.get("json")
-        if not isinstance(msg, dict):
+    add_part, add_tractor, add_seq, add_ts, add_reading = (part.append, tractor.append, seq.append, ts.append,
+                                                           readings.append)
+    for r, msg in zip(records, json_values(records), strict=True):
+        if type(msg) is not dict:
             continue
         samples = msg.get("samples")
         tid, s = msg.get("tractor_id"), msg.get("seq")
-        if not isinstance(samples, list) or not isinstance(tid, str) or not isinstance(s, int):
+        if type(samples) is not list or not isinstance(tid, str) or not isinstance(s, int):
             continue
-        tp = (r.get("topic", ""), r.get("partition", 0))
+        # dict.get: the runtime's records hold topic and partition as plain entries (no lazy lookup needed).
+        tp = (dict.get(r, "topic", ""), dict.get(r, "partition", 0))
         p = labels.get(tp)
         if p is None:
             p = labels[tp] = f"{tp[0]}-{tp[1]}"
         for sample in samples:
-            part.append(p)
-            tractor.append(tid)
-            seq.append(s)
-            ts.append(sample.get("ts", ""))
+            if type(sample) is not dict:
+                continue
             rd = sample.get("readings") or {}
+            if type(rd) is not dict:
+                continue
+            add_part(p)
+            add_tractor(tid)
+            add_seq(s)
+            add_ts(sample.get("ts", ""))
             block = blocks.get(names := tuple(rd))
             if block is None:
                 block = blocks[names] = ([], [])
             block[0].append(len(readings))
             block[1].append(list(rd.values()))
-            readings.append(rd)
+            add_reading(rd)
     # Parse each distinct timestamp once (a fleet on synchronised clocks shares them).
     codes, uniq = pd.factorize(pd.Series(ts, dtype="object"), use_na_sentinel=False)
     parsed = pd.to_datetime(pd.Series(uniq, dtype="string"), utc=True, format="ISO8601", errors="coerce")

@@ -76,8 +76,12 @@ def test_flatten_keeps_one_row_per_sample_and_skips_garbage() -> None:
     recs = fleet_records(1, tractors=1)[:3]
     recs.append({"topic": "telemetry", "partition": 0, "json": None})
     recs.append({"topic": "telemetry", "partition": 0, "json": {"tractor_id": 5, "seq": "x"}})
+    recs.append({"topic": "telemetry", "partition": 0, "json": {"tractor_id": "T00001", "seq": 9, "samples": [
+        7, {"ts": "2026-03-02T07:00:00Z", "readings": [1, 2]},
+        {"ts": "2026-03-02T07:00:01Z", "readings": {"engine_rpm": 1800.0}}]}})
     frame = flatten(recs)
-    assert len(frame) == 3
+    assert len(frame) == 4  # the three good messages and the one good sample beside a number and a list
+    assert frame["engine_rpm"].iloc[-1] == 1800.0
     assert set(frame.columns) >= {"tractor_id", "seq", "ts", "oil_pressure_kpa", "engine_rpm"}
 
 
