@@ -22,7 +22,7 @@ from functions import store
 from functions.config import load_functions
 from functions.db import make_engine, make_sessions
 from functions.model import Context
-from functions.worker import KafkaWorker
+from functions.worker import KafkaWorker, tune_gc
 from trends import detect
 
 PARAMS = {"window_s": 10, "lateness_s": 2, "history": 48, "min_windows": 3}
@@ -50,8 +50,11 @@ def run_ours(s: Settings, topic: str, expected: int) -> dict[str, Any]:
         update={"source_topics": [topic], "consumer_group": f"ours-{topic}", "params": PARAMS})
     worker = KafkaWorker(fn, s.bootstrap, make_sessions(engine))
     latencies: list[float] = []
+    started: list[float] = []  # when the first batch reached the handler (Quix's clock starts at its first record)
 
     def probe(event: dict[str, Any], context: Context) -> None:
+        if not started:
+            started.append(time.perf_counter())
         detect.handler(event, context)
         now = time.time()
         for recs in event["records"].values():
@@ -60,18 +63,15 @@ def run_ours(s: Settings, topic: str, expected: int) -> dict[str, Any]:
                 latencies.append(now - datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp())
 
     worker.invoker.handler = probe
+    tune_gc(s.functions_gc_full_every)  # as `fleetwatch functions run` does in a worker process
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
     sessions = make_sessions(engine)
-    first = last = 0.0
     while True:
         with sessions() as session:
             done = sum(store.load_offsets(session, worker.group, topic).values())
-        now = time.perf_counter()
-        if done and not first:
-            first = now
         if done >= expected:
-            last = now
+            last = time.perf_counter()
             break
         time.sleep(0.05)
     worker.stop_event.set()
@@ -79,7 +79,7 @@ def run_ours(s: Settings, topic: str, expected: int) -> dict[str, Any]:
     worker.close()
     engine.dispose()
     lat = np.asarray(latencies) if latencies else np.zeros(1)
-    seconds = max(last - first, 1e-9)
+    seconds = max(last - started[0], 1e-9)
     return {"messages": expected, "seconds": seconds, "messages_per_s": expected / seconds,
             "latency_p50_s": float(np.percentile(lat, 50)), "latency_p99_s": float(np.percentile(lat, 99)),
             "latency_max_s": float(lat.max())}
@@ -95,7 +95,7 @@ def run_quix(s: Settings, topic: str, expected: int) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main(tractors: int = 1000, seconds: int = 60, live_rate: float = 2000.0, live_seconds: int = 20) -> None:
+def main(tractors: int = 1000, seconds: int = 180, live_rate: float = 2000.0, live_seconds: int = 20) -> None:
     """Backlog throughput then live latency, ours vs Quix Streams, on the bench Kafka."""
     clock = Stopwatch()
     with bench_stack(["kafka"]) as s:
@@ -131,7 +131,10 @@ def main(tractors: int = 1000, seconds: int = 60, live_rate: float = 2000.0, liv
     report("trends_vs_quix", f"Trend stage vs Quix Streams ({tractors} tractors × {seconds} s backlog; "
            f"ours ÷ Quix throughput = {ratio:.2f}×, target ≥ 1.5×)",
            ["phase", "implementation", "messages/s", "readings/s", "latency p50 s", "latency p99 s"], rows,
-           {"ratio_ours_over_quix": ratio, "target_ratio": 1.5, "ours": ours, "quix": quix, "live": live_rows,
+           {"ratio_ours_over_quix": ratio, "target_ratio": 1.5,
+            "targets": [{"target": "trend stage ≥ 1.5× Quix Streams' throughput on the same topic",
+                         "measured": f"{ratio:.2f}× ({ours['messages_per_s']:,.0f} vs {quix['messages_per_s']:,.0f} "
+                                     "msg/s)", "met": ratio >= 1.5}], "ours": ours, "quix": quix, "live": live_rows,
             "params": PARAMS, "wall_s": clock.seconds(), "load_average_1m": os.getloadavg()[0]})
 
 
@@ -157,7 +160,7 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tractors", type=int, default=1000)
-    ap.add_argument("--seconds", type=int, default=60)
+    ap.add_argument("--seconds", type=int, default=180)
     ap.add_argument("--live-rate", type=float, default=2000.0)
     ap.add_argument("--live-seconds", type=int, default=20, help="0 skips the live-latency phase")
     a = ap.parse_args()

@@ -96,13 +96,14 @@ def functions_run(
 
 def _run_member(s: Settings, fn: FunctionConfig, worker_id: str | None) -> None:
     from functions.db import make_engine, make_sessions
-    from functions.worker import KafkaWorker
+    from functions.worker import KafkaWorker, tune_gc
 
     engine = make_engine(s.db_url)
     try:
         worker = KafkaWorker(fn, s.bootstrap, make_sessions(engine), s.topic_prefix, worker_id=worker_id)
     except ImportError as exc:
         fail(str(exc))
+    tune_gc(s.functions_gc_full_every)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop_event.set())
     try:

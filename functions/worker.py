@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -73,6 +74,18 @@ class KafkaCheckpointer:
 def _committed(err: KafkaError | None, partitions: list[TopicPartition]) -> None:
     if err is not None and err.code() != KafkaError._NO_OFFSET:
         log.warning("offset commit to Kafka failed: %s", err)
+
+
+def tune_gc(full_every: int) -> None:
+    """Garbage-collection settings of a worker process: startup objects frozen, full collections rare.
+
+    Call once the process has imported and connected (what exists then lives as long as the process).
+    ``full_every`` is CPython's third threshold (0 keeps its default).
+    """
+    gc.freeze()
+    if full_every > 0:
+        young, middle, _ = gc.get_threshold()
+        gc.set_threshold(young, middle, full_every)
 
 
 class KafkaWorker:
