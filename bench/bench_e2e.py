@@ -17,7 +17,7 @@ import orjson
 import psutil
 from sqlalchemy import func, select, text
 
-from bench.common import NOMINAL_12, SIGNALS_12, Stopwatch, bench_settings, console, report
+from bench.common import NOMINAL_12, SIGNALS_12, Stopwatch, bench_settings, console, fresh_database, report
 from bench.profile import Profiler
 from fleetwatch.db import upgrade
 from fleetwatch.pipeline import Progress, end_offsets, ensure_topics
@@ -248,15 +248,9 @@ def main() -> None:
     stack.start(["kafka", "mosquitto", "postgres"])
     results = []
     try:
-        import psycopg
-
         for n in (int(x) for x in args.fleets.split(",")):
-            db = f"bench_{n}_{int(time.time())}"
-            with psycopg.connect(f"host=127.0.0.1 port={s.pg_port} user={s.pg_user} dbname=postgres",
-                                 autocommit=True) as conn:
-                conn.execute(f'CREATE DATABASE "{db}"')
             os.environ["FLEETWATCH_TOPIC_PREFIX"] = f"e2e{n}-{int(time.time())}-"
-            os.environ["FLEETWATCH_DATABASE_URL"] = f"postgresql+psycopg://{s.pg_user}@127.0.0.1:{s.pg_port}/{db}"
+            os.environ["FLEETWATCH_DATABASE_URL"] = fresh_database(s, f"bench_{n}_{int(time.time())}")
             console.print(f"[bold]fleet of {n} tractors for {args.seconds} s[/bold]")
             results.append(run_fleet(n, args.seconds, os.environ["FLEETWATCH_DATABASE_URL"], drain_s=args.drain_s))
     finally:

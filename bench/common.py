@@ -58,6 +58,15 @@ def bench_stack(components: list[str], **overrides: Any) -> Iterator[Settings]:
         stack.down()
 
 
+def fresh_database(s: Settings, name: str) -> str:
+    """Create an empty PostgreSQL database on the bench server; its SQLAlchemy URL (a run never sees another's rows)."""
+    import psycopg
+
+    with psycopg.connect(f"host=127.0.0.1 port={s.pg_port} user={s.pg_user} dbname=postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"postgresql+psycopg://{s.pg_user}@127.0.0.1:{s.pg_port}/{name}"
+
+
 def fleet_messages(tractors: int, seconds: int, start: datetime | None = None, seed: int = 1) -> Iterator[
         tuple[str, bytes]]:
     """(tractor_id, v1 JSON payload) for every tractor every second: 12 readings each, healthy noise."""
