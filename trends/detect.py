@@ -374,7 +374,6 @@ class Detector:
         # Decoded forms of the texts this detector last wrote into each tractor's state (text, decoded).
         self._dd_memo: dict[str, tuple[str, int]] = {}
         self._acc_memo: dict[str, tuple[str, np.ndarray]] = {}
-        # Nominal → failure distance of each channel in regression space (the widest of its parts).
         # Per covariate count k: where a window's (k + 2)² moment block sits in its accumulator row, and the
         # (row, column) of each entry.
         self._moment_at: dict[int, list[int]] = {}
@@ -383,7 +382,9 @@ class Detector:
             sel = [*range(k + 1), self.d - 1]
             self._moment_at[k] = [BASE + i * self.d + j for i in sel for j in sel]
             self._pairs[k] = [(i, j) for i in range(k + 2) for j in range(k + 2)]
+        # Squared covariate scales of each channel, for the normaliser's ridge.
         self.scales_sq = {sig: [max(abs(r), 1.0) ** 2 for r in ch.refs.tolist()] for sig, ch in self.channels.items()}
+        # Nominal → failure distance of each channel in regression space (the widest of its parts).
         self.spans = {sig: max(abs(ch.transform(p.nominal) - ch.transform(p.failure)) for p in ch.parts)
                       for sig, ch in self.channels.items()}
 
