@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import select, update
 
 from functions.model import Context, Metrics
@@ -15,10 +16,18 @@ from trends.tables import trend_state, trend_windows
 
 
 def test_cached_states_survive_a_rolled_back_batch_and_a_write_by_another_worker(tmp_path: Path) -> None:
+    _states_match_the_table(f"sqlite:///{tmp_path / 'h.db'}")
+
+
+@pytest.mark.services
+def test_states_written_through_the_postgresql_staging_table_match_the_detectors(pg_url: str) -> None:
+    _states_match_the_table(pg_url)
+
+
+def _states_match_the_table(url: str) -> None:
     from fleetwatch.db import upgrade
     from functions.db import make_engine, make_sessions
 
-    url = f"sqlite:///{tmp_path / 'h.db'}"
     upgrade(url)
     engine = make_engine(url)
     sessions = make_sessions(engine)
