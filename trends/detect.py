@@ -145,10 +145,6 @@ class Params:
     margin_h: float = 72.0
     realert_windows: int = 24
     max_seqs: int = 4096
-    # Records the detector sees at a time. A larger batch runs it over consecutive slices of this many, so what
-    # it detects does not depend on the batch size (each pass gates against the levels the last one learnt),
-    # while the batch's database work (state, trend rows, offsets) is still done once.
-    pass_records: int = 5000
 
     @classmethod
     def from_context(cls, params: dict[str, Any]) -> Params:
@@ -1462,13 +1458,12 @@ def handler(event: dict[str, Any], context: Context) -> None:
     assert session is not None, "trends.detect needs a transactional function"
     params = Params.from_context(context.params)
     records = [r for recs in event["records"].values() for r in recs]
-    step = max(params.pass_records, 1)
-    frames = [f for f in (flatten(records[i:i + step]) for i in range(0, len(records), step)) if not f.empty]
-    if not frames:
+    frame = flatten(records)
+    if frame.empty:
         return
     detector = _detector(load_parts(session), params)
-    tids = sorted({t for f in frames for t in f["tractor_id"].unique().tolist()})
-    part_keys = {_state_key(p): p for f in frames for p in f["partition"].unique().tolist()}
+    tids = sorted(frame["tractor_id"].unique().tolist())
+    part_keys = {_state_key(p): p for p in frame["partition"].unique().tolist()}
     store = StateStore(session)
     loaded = store.load(tids + list(part_keys))
     states = {t: loaded.get(t) or new_state() for t in tids}
@@ -1477,18 +1472,9 @@ def handler(event: dict[str, Any], context: Context) -> None:
     replaced = apply_replacements(session, detector, states, reset)
 
     def load_state(tid: str) -> dict[str, Any] | None:
-        return states.get(tid) or store.load([tid]).get(tid)  # this batch's copy first: it is the newer one
+        return store.load([tid]).get(tid)
 
-    out = Outputs()
-    for frame in frames:
-        seen = {t: states[t] for t in frame["tractor_id"].unique().tolist()}
-        got = detector.process(frame, seen, partitions, load_state)
-        states.update(seen)  # with the quiet tractors the partition watermark closed
-        out.windows += got.windows
-        out.health.update(got.health)
-        out.alerts += got.alerts
-        for name, value in got.counters.items():
-            out.count(name, value)
+    out = detector.process(frame, states, partitions, load_state)
     _execute_many(session, "windows-insert", insert(trend_windows), out.windows, copy=True)
     _upsert_health(session, list(out.health.values()))
     for alert in out.alerts:

@@ -66,38 +66,3 @@ def _states_match_the_table(url: str) -> None:
     expected = json.loads(json.dumps({**states, "~telemetry-0": partitions["telemetry-0"]}))
     assert stored == expected
     engine.dispose()
-
-
-def test_a_large_batch_detects_what_batches_of_one_pass_each_detect(tmp_path: Path) -> None:
-    from fleetwatch.db import upgrade
-    from functions.db import make_engine, make_sessions
-
-    def level(i: int, t: float) -> float:  # one pump wears, one jumps, the rest stay healthy
-        return 320.0 - 170.0 * max(0.0, (t - 5) / 30) if i == 0 else (250.0 if i == 1 and t > 12 else 320.0)
-
-    records = fleet_records(30, tractors=4, level=level)
-    step = 97
-
-    def run(name: str, size: int) -> tuple[list[Any], list[Any], list[Any]]:
-        url = f"sqlite:///{tmp_path / name}"
-        upgrade(url)
-        engine = make_engine(url)
-        sessions = make_sessions(engine)
-        emitted: list[Any] = []
-        for a in range(0, len(records), size):
-            with sessions() as session:
-                context = Context("trends-detect", 60, session, {"pass_records": step}, Metrics())
-                handler({"records": {"telemetry-0": records[a:a + size]}}, context)
-                emitted += [e.value for e in context.emitted]
-                session.commit()
-        with sessions() as session:
-            rows = session.execute(select(trend_windows).order_by(*trend_windows.primary_key.columns)).all()
-            states = session.execute(select(trend_state.c.tractor_id, trend_state.c.state, trend_state.c.live)
-                                     .order_by(trend_state.c.tractor_id)).all()
-        engine.dispose()
-        return [tuple(r) for r in rows], [tuple(s) for s in states], emitted
-
-    one_pass_each = run("small.db", step)
-    several_passes = run("large.db", step * 5)
-    assert one_pass_each[2], "the comparison covers wear alerts"
-    assert several_passes == one_pass_each
