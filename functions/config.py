@@ -25,7 +25,7 @@ class FunctionConfig(BaseModel):
     handler: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", description="module.path:function")
     source_topics: list[str] = Field(min_length=1)
     consumer_group: str | None = None
-    batch_size: int = Field(100, ge=1, le=100_000)
+    batch_size: int = Field(100, ge=1, le=10_000)
     maximum_batching_window_s: float = Field(0.5, ge=0, le=300)
     starting_position: Literal["TRIM_HORIZON", "LATEST", "AT_TIMESTAMP"] = "TRIM_HORIZON"
     starting_position_timestamp: datetime | None = None
