@@ -1274,18 +1274,24 @@ class StateStore:
                 self.cache[k] = (token, st)
         c = trend_state.c
         _execute_many(self.session, "state-insert", insert(trend_state), fresh)
-        if self.session.get_bind().dialect.name == "postgresql" and (full or live):
+        if self.session.get_bind().dialect.name == "postgresql":
             _update_states_by_copy(self.session, full + live)
-            full = live = []
-        for rows, cols in ((full, ("state", "live", "generation", "updated_at")),
-                           (live, ("live", "generation", "updated_at"))):
-            if rows:  # one executemany, not a round trip per tractor
-                _execute_many(self.session, f"state-update-{len(cols)}", update(trend_state)
-                              .where(c.tractor_id == bindparam("key")).values({col: bindparam(col) for col in cols}),
-                              rows)
+        else:
+            for rows, cols in ((full, ("state", "live", "generation", "updated_at")),
+                               (live, ("live", "generation", "updated_at"))):
+                if rows:  # one executemany, not a round trip per tractor
+                    _execute_many(self.session, f"state-update-{len(cols)}", update(trend_state).where(
+                        c.tractor_id == bindparam("key")).values({col: bindparam(col) for col in cols}), rows)
         self.stored.update(states)
         while len(self.cache) > STATE_CACHE_SIZE:
             self.cache.popitem(last=False)
+
+
+def _dbapi(session: Session) -> Any:
+    """The driver connection under a session's transaction (for COPY, which SQLAlchemy does not expose)."""
+    dbapi = session.connection().connection.dbapi_connection
+    assert dbapi is not None
+    return dbapi
 
 
 def _update_states_by_copy(session: Session, rows: list[dict[str, Any]]) -> None:
@@ -1295,9 +1301,9 @@ def _update_states_by_copy(session: Session, rows: list[dict[str, Any]]) -> None
     The staging table is temporary (this connection only) and emptied after use, so the rows never outlive the
     batch's transaction.
     """
-    dbapi = session.connection().connection.dbapi_connection
-    assert dbapi is not None
-    with dbapi.cursor() as cur:
+    if not rows:
+        return
+    with _dbapi(session).cursor() as cur:
         cur.execute("CREATE TEMP TABLE IF NOT EXISTS trend_state_stage (tractor_id varchar(32), state json, live json,"
                     " generation bigint, updated_at timestamptz)")
         with cur.copy("COPY trend_state_stage (tractor_id, state, live, generation, updated_at) FROM STDIN"
@@ -1359,9 +1365,7 @@ def _copy(session: Session, table: Table, rows: list[dict[str, Any]]) -> None:
     query = sql.SQL("COPY {} ({}) FROM STDIN" + (" (FORMAT BINARY)" if binary else "")).format(
         sql.Identifier(table.name), sql.SQL(", ").join(map(sql.Identifier, cols)))
     get = itemgetter(*cols)
-    dbapi = session.connection().connection.dbapi_connection
-    assert dbapi is not None
-    with dbapi.cursor() as cur, cur.copy(query) as copy:
+    with _dbapi(session).cursor() as cur, cur.copy(query) as copy:
         if binary:
             copy.set_types(types)
         for row in rows:

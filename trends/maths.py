@@ -143,37 +143,15 @@ def moments(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return z.T @ z
 
 
-@dataclass(frozen=True)
-class Normaliser:
-    """Linear operating-condition effect: value at the reference point = y − beta · (x − ref)."""
-
-    intercept: float  # mean value at the reference operating point over the pooled samples
-    beta: np.ndarray
-    sigma: float  # residual standard deviation of single samples
-    n: float
-
-
-def solve_normaliser(m: np.ndarray, scales: np.ndarray, ridge: float = 4e-4) -> Normaliser | None:
-    """Least-squares fit of y on covariates (already centred on the reference) from a moment matrix.
-
-    ``scales`` are the covariates' typical magnitudes: a small ridge of ``ridge · n · scale²`` keeps the
-    fit stable when a covariate hardly varies (it then gets a coefficient near zero).
-    """
-    size = m.shape[0]
-    scales_sq = [float(x) ** 2 for x in np.asarray(scales, dtype=np.float64).ravel()]
-    fit = solve_moments(np.asarray(m, dtype=np.float64).ravel().tolist(), size, scales_sq, ridge)
-    if fit is None:
-        return None
-    coef, sigma = fit
-    return Normaliser(intercept=coef[0], beta=np.asarray(coef[1:], dtype=np.float64), sigma=sigma, n=float(m[0, 0]))
-
-
 def solve_moments(s: list[float], size: int, scales_sq: list[float], ridge: float) -> tuple[list[float], float] | None:
-    """``solve_normaliser`` on plain floats: ([intercept, *beta], sigma) from a row-major ``size`` × ``size`` matrix.
+    """Least-squares fit of y on covariates from a moment matrix: ([intercept, *beta], residual sigma).
 
-    A window's refit solves at most a 4 × 4 system, where numpy's per-call overhead cost more than the arithmetic:
-    this is Gaussian elimination with partial pivoting (what LAPACK's solve does) in Python. None when there are
-    too few samples or the system is singular.
+    ``s`` is the row-major ``size`` × ``size`` matrix of [1, covariates centred on the reference, y]; sigma is the
+    residual standard deviation of single samples. ``scales_sq`` are the covariates' squared typical magnitudes: a
+    small ridge of ``ridge · n · scale²`` keeps the fit stable when a covariate hardly varies (it then gets a
+    coefficient near zero). A window's refit solves at most a 4 × 4 system, where numpy's per-call overhead cost
+    more than the arithmetic: this is Gaussian elimination with partial pivoting (what LAPACK's solve does) in
+    Python. None when there are too few samples or the system is singular.
     """
     k = size - 2
     n = s[0]

@@ -16,7 +16,6 @@ from trends.maths import (
     moments,
     robust_scale,
     solve_moments,
-    solve_normaliser,
 )
 
 
@@ -69,12 +68,13 @@ def test_normalisation_removes_a_known_operating_effect() -> None:
     # value at the reference point (1800 rpm, 95 °C) is 300; +0.2 per rpm, −1.5 per °C
     y = 300.0 + 0.2 * (rpm - 1800) - 1.5 * (oil_t - 95) + rng.normal(0, 2.0, 2000)
     x = np.column_stack([rpm - 1800, oil_t - 95])
-    fit = solve_normaliser(moments(x, y), scales=np.array([1800.0, 95.0]), ridge=1e-6)
+    fit = solve_moments(moments(x, y).ravel().tolist(), 4, [1800.0**2, 95.0**2], 1e-6)
     assert fit is not None
-    assert fit.intercept == pytest.approx(300.0, abs=0.3)
-    assert fit.beta == pytest.approx([0.2, -1.5], abs=0.01)
-    assert fit.sigma == pytest.approx(2.0, rel=0.1)
-    normalised = y - x @ fit.beta
+    (intercept, *beta), sigma = fit
+    assert intercept == pytest.approx(300.0, abs=0.3)
+    assert beta == pytest.approx([0.2, -1.5], abs=0.01)
+    assert sigma == pytest.approx(2.0, rel=0.1)
+    normalised = y - x @ np.asarray(beta)
     assert normalised.std() < 2.2 < y.std() / 10  # the operating effect is gone, only noise is left
 
 
@@ -82,8 +82,8 @@ def test_a_covariate_that_never_moves_gets_no_weight() -> None:
     rng = np.random.default_rng(5)
     y = 50.0 + rng.normal(0, 1.0, 500)
     x = np.full((500, 1), 10.0)  # always 10 above its reference: collinear with the intercept
-    fit = solve_normaliser(moments(x, y), scales=np.array([60.0]))
-    assert fit is not None and abs(fit.beta[0]) < 0.1
+    fit = solve_moments(moments(x, y).ravel().tolist(), 3, [60.0**2], 4e-4)
+    assert fit is not None and abs(fit[0][1]) < 0.1
 
 
 @pytest.mark.parametrize("k", [0, 1, 2, 3])
@@ -109,7 +109,6 @@ def test_the_per_window_solve_refuses_too_few_samples_and_a_singular_system() ->
     m = moments(np.zeros((10, 1)), np.arange(10.0))  # the covariate never moves and there is no ridge
     assert solve_moments(m.ravel().tolist(), 3, [1.0], 0.0) is None
     assert solve_moments(moments(np.ones((3, 1)), np.ones(3)).ravel().tolist(), 3, [1.0], 1e-3) is None
-    assert solve_normaliser(m, scales=np.array([1.0]), ridge=0.0) is None
 
 
 def test_forecast_time_to_threshold_with_its_range() -> None:
