@@ -22,7 +22,7 @@ from operator import attrgetter
 from typing import Any, Protocol
 
 from sqlalchemy import insert
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from functions import store
@@ -132,6 +132,22 @@ def failure_document(fn: FunctionConfig, r: Record, condition: str, detail: str,
         "headers": [[k, base64.b64encode(v).decode()] for k, v in r.headers],
         "failed_at": datetime.now(UTC).isoformat(),
     }
+
+
+#: PEP 249's exception names for "the database went away" (any driver: psycopg, sqlite3, …).
+_DRIVER_CONNECTION_ERRORS = ("OperationalError", "InterfaceError")
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """True when an error says the database connection failed, not that the records were bad.
+
+    SQLAlchemy wraps a driver's errors, but a handler that talks to the driver directly (PostgreSQL ``COPY``)
+    gets the driver's own classes; a killed server then raises the driver's ``OperationalError``. Such a batch
+    must be retried from the stored offsets once the database is back, never sent to the on-failure destination.
+    """
+    if isinstance(exc, DBAPIError):
+        return isinstance(exc, OperationalError) or exc.connection_invalidated
+    return any(c.__name__ in _DRIVER_CONNECTION_ERRORS and c.__module__ != "builtins" for c in type(exc).__mro__)
 
 
 @contextmanager
@@ -373,6 +389,8 @@ class Invoker:
             except (Exception, InvocationTimeout) as exc:  # noqa: BLE001 - any handler error is an error outcome
                 if isinstance(exc, OperationalError):  # database unreachable: not the records' fault
                     raise
+                if database_unreachable(exc):  # the same, raised by the driver itself (e.g. COPY) or re-wrapped
+                    raise OperationalError(None, None, exc) from exc  # type: ignore[arg-type]
                 outcome = "timeout" if isinstance(exc, InvocationTimeout) else "error"
                 detail = f"{type(exc).__name__}: {exc}"[:2000]
                 if session is not None:

@@ -266,6 +266,31 @@ def test_a_member_that_lost_its_partition_cannot_commit(db: Any) -> None:
     assert rows(engine) == [(0, i) for i in range(10)]
 
 
+def test_a_database_lost_inside_a_driver_call_rewinds_instead_of_failing_the_records(db: Any) -> None:
+    # A handler writing through the driver itself (PostgreSQL COPY) sees the driver's own error when the server
+    # is killed. The records are fine: the worker must rewind to the stored offsets and retry them once the
+    # database is back, not retry, bisect and send them to the on-failure destination.
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    engine, sessions = db
+    calls: list[int] = []
+
+    def handler(event: dict[str, Any], context: Context) -> None:
+        calls.append(len(event_records(event)))
+        raise psycopg.errors.AdminShutdown("terminating connection due to administrator command")
+
+    fn = config(batch_size=10, maximum_retry_attempts=2)
+    inv = Invoker(fn, handler, DbCheckpointer("unit"), sessions, sleep=lambda s: None)
+    inv.assign({("in", 0): None})
+    with pytest.raises(OperationalError):
+        inv.process(MemorySource.of("in", [{"i": i} for i in range(10)]).records[("in", 0)])
+    assert calls == [10]  # tried once: no retries, no bisection
+    assert inv.failures == [] and outbox_docs(engine) == []
+    with sessions() as s:
+        assert store.load_offsets(s, "unit", "in") == {}  # nothing checkpointed past the records
+
+
 def test_emitted_messages_go_through_the_outbox_with_the_offsets(db: Any) -> None:
     engine, sessions = db
 
