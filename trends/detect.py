@@ -620,13 +620,56 @@ class Detector:
 
         ``load_state(tid)`` fetches the state of a quiet tractor whose windows the partition watermark closes.
         """
-        p = self.params
         out = Outputs()
         for tid in frame["tractor_id"].unique().tolist():
             states.setdefault(tid, new_state())
         frame = self.dedupe(frame, states, out)
         out.count("readings", float(sum(int(np.count_nonzero(~np.isnan(frame[c].to_numpy(dtype=np.float64))))
                                         for c in frame.columns if c not in META)))
+        rounds = self._rounds(frame, states)
+        if rounds is None:
+            frame = self._step(frame, states, out)
+        else:
+            # Tractors without samples in a later round have nothing new to close: only the round's own go in.
+            kept = [self._step(frame[rounds == 0], states, out)]
+            for r in range(1, int(rounds.max()) + 1):
+                part = frame[rounds == r]
+                kept.append(self._step(part, {t: states[t] for t in part["tractor_id"].unique().tolist()}, out))
+            frame = pd.concat(kept)
+        if partitions is not None:
+            self._partition_progress(frame, states, partitions, load_state, out)
+        return out
+
+    def _rounds(self, frame: pd.DataFrame, states: dict[str, dict[str, Any]]) -> np.ndarray | None:
+        """Per sample, the round of the batch it goes in (None: all in one); rounds make results batch-independent.
+
+        A tractor's windows close when its watermark (the latest event time seen) passes their end plus the
+        lateness, and closing them teaches the sample gate the channel's new level. Round r of a tractor holds its
+        samples that arrived after its watermark crossed r closing boundaries within this batch, so each sample is
+        gated against the levels of every window closed before it arrived, however the stream was cut into
+        batches (a batch spanning hours of a replay gates as a stream of one-record batches would).
+        """
+        if len(frame) < 2:
+            return None
+        p = self.params
+        codes, uniq = pd.factorize(frame["tractor_id"], sort=False)
+        start = np.array([states[t]["wm"] for t in uniq.tolist()], dtype=np.float64)
+        ts = pd.Series(frame["ts"].to_numpy(dtype=np.float64))
+        # The tractor's watermark when each sample arrived: its state's, or the latest of its earlier samples.
+        before = ts.groupby(codes).cummax().groupby(codes).shift(1).to_numpy()
+        before = np.fmax(before, start[codes])
+        epoch = np.floor((before - p.lateness_s) / p.window_s)
+        crossed = pd.Series(epoch).groupby(codes).diff().to_numpy() > 0
+        if not crossed.any():
+            return None
+        return pd.Series(crossed.astype(np.int64)).groupby(codes).cumsum().to_numpy()
+
+    def _step(self, frame: pd.DataFrame, states: dict[str, dict[str, Any]], out: Outputs) -> pd.DataFrame:
+        """One round of a batch: drop late samples, aggregate into windows, close the windows the watermark passed.
+
+        Returns the round's samples without the late ones.
+        """
+        p = self.params
         tids = sorted(states)
         signals = sorted({c for c in frame.columns if c not in META}
                          | {s for st in states.values() if st["open"] for s in st["open"]["sig"]})
@@ -680,10 +723,7 @@ class Detector:
             for code, tid in enumerate(tids):
                 lo, hi = bounds[code], bounds[code + 1]
                 self._close(tid, states[tid], keys[lo:hi], acc[lo:hi], signals, states[tid]["wm"], out)
-
-        if partitions is not None:
-            self._partition_progress(frame, states, partitions, load_state, out)
-        return out
+        return frame
 
     def _partition_progress(self, frame: pd.DataFrame, states: dict[str, dict[str, Any]],
                             partitions: dict[str, dict[str, Any]], load_state: Any, out: Outputs) -> None:
