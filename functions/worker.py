@@ -107,6 +107,7 @@ class KafkaWorker:
         self.generation = 0  # bumped by every assignment change, so a batch spanning one is read again
         self.assigned: set[TP] = set()
         self.unpositioned: set[TP] = set()  # assigned and paused: the database was unreachable at assignment
+        self.rewind_pending = False  # a rewind to the stored offsets failed: read nothing until one succeeds
         self.topics = [self.topic(t) for t in fn.source_topics]
         self.group = self.topic(fn.group)
         self.bootstrap = bootstrap
@@ -297,8 +298,12 @@ class KafkaWorker:
         try:
             self._seek(self._positions(sorted(self.assigned - self.unpositioned)))
             self.generation += 1
+            self.rewind_pending = False
         except OperationalError as exc:
+            # Reading on from where the consumer got to would skip the batch that failed (its records would
+            # never be handled): the run loop retries the rewind before it reads anything else.
             log.error("%s: database still unavailable (%s)", self.fn.name, exc)
+            self.rewind_pending = True
 
     # ------------------------------------------------------------------ outbox
     def relay(self) -> None:
@@ -389,6 +394,10 @@ class KafkaWorker:
         log.info("%s[%s]: consuming %s as group %s", self.fn.name, self.worker_id, self.topics, self.group)
         while not self.stop_event.is_set() and not (until and until()):
             try:
+                if self.rewind_pending:
+                    self.stop_event.wait(2)
+                    self._rewind()
+                    continue
                 if self.unpositioned:
                     self._position_paused()
                 batch = self._poll_batch()

@@ -18,6 +18,7 @@ import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from sqlalchemy import Engine, func, select, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from fleetwatch.db import upgrade
@@ -146,6 +147,45 @@ def test_retries_then_bisect_isolate_one_poison_record_among_1000(isolated: Sett
     assert doc["topic"] == isolated.topic("poison") and doc["key_b64"] and doc["consumer_group"]
     assert len(table_rows(engine)) == 999 == len(set(table_rows(engine)))
     assert (doc["partition"], doc["offset"]) not in table_rows(engine)
+
+
+class Outage:
+    """A session factory whose database is unreachable for its next ``down`` uses."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+        self.down = 0
+        self.started = False
+
+    def __call__(self) -> Session:
+        if self.down:
+            self.down -= 1
+            raise OperationalError("connect", None, Exception("connection refused"))
+        return self.sessions()
+
+
+def test_a_database_still_down_at_the_rewind_does_not_skip_the_failed_batch(isolated: Settings,
+                                                                            sqlite_db: Any) -> None:
+    # The database goes away as the second batch starts and is still away when the worker tries to rewind to
+    # the stored offsets. The worker must not read on from where its consumer got to: the second batch would
+    # never be handled while the third's offsets are committed past it.
+    _, engine, sessions = sqlite_db
+    fn = function("outage", batch_size=100, maximum_batching_window_s=0.5)
+    create_topic(isolated, "outage", 1)
+    create_topic(isolated, "outage.failures", 1)
+    produce(isolated, "outage", [{"i": i} for i in range(300)])
+    outage = Outage(sessions)
+
+    def done() -> bool:
+        offset = committed(sessions, isolated, fn)
+        if offset == 100 and not outage.started:
+            outage.down = 2  # the second batch's invocation, then the rewind
+            outage.started = True
+        return offset == 300
+
+    run_worker(isolated, fn, outage, done)  # type: ignore[arg-type]
+    assert outage.down == 0
+    assert table_rows(engine) == [(0, i) for i in range(300)]
 
 
 def test_partial_batch_failure_resumes_at_the_lowest_failed_offset(isolated: Settings, sqlite_db: Any) -> None:
