@@ -913,7 +913,7 @@ class Detector:
                 if nu < 2:
                     flags.append("sparse")
         elif a[N_REJ] > 0 and self._within_gate(ch, cs, a[SUM_REJ] / a[N_REJ]):
-            # Gated against a level this batch had not learnt yet (the level moved earlier in the batch): under the
+            # Gated against an older level (a window that closed after these samples arrived moved it): under the
             # current level these samples pass, so their mean (not condition-normalised) is the window's value.
             cs["rej"] = 0
             cs["rejv"] = []
