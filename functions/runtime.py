@@ -387,9 +387,9 @@ class Invoker:
                 failed = self._item_failures(response, records)
                 new_state = self._new_state(response) if window else None
             except (Exception, InvocationTimeout) as exc:  # noqa: BLE001 - any handler error is an error outcome
-                if isinstance(exc, OperationalError):  # database unreachable: not the records' fault
-                    raise
-                if database_unreachable(exc):  # the same, raised by the driver itself (e.g. COPY) or re-wrapped
+                if database_unreachable(exc):  # not the records' fault: the worker rewinds to the stored offsets
+                    if isinstance(exc, OperationalError):
+                        raise
                     raise OperationalError(None, None, exc) from exc  # type: ignore[arg-type]
                 outcome = "timeout" if isinstance(exc, InvocationTimeout) else "error"
                 detail = f"{type(exc).__name__}: {exc}"[:2000]

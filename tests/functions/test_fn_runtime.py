@@ -8,8 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from sqlalchemy import Engine, func, select, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from functions import examples, store
@@ -270,9 +272,6 @@ def test_a_database_lost_inside_a_driver_call_rewinds_instead_of_failing_the_rec
     # A handler writing through the driver itself (PostgreSQL COPY) sees the driver's own error when the server
     # is killed. The records are fine: the worker must rewind to the stored offsets and retry them once the
     # database is back, not retry, bisect and send them to the on-failure destination.
-    import psycopg
-    from sqlalchemy.exc import OperationalError
-
     engine, sessions = db
     calls: list[int] = []
 
