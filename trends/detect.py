@@ -341,20 +341,70 @@ def _reduce(keys: np.ndarray, acc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return keys[starts], out
 
 
-class _Closing:
-    """The windows a batch closes (accumulator rows in closing order) with their statistics as Python values."""
+def _level_and_spread(m: list[float], beta: list[float], k: int, spread: bool = True) -> tuple[float, float]:
+    """Σ(y − β·x) and Σ(y − β·x)² from a window's moment block ``m`` ((k + 2)², row-major over [1, x, y]).
 
-    def __init__(self, a: np.ndarray, starts: np.ndarray, sigs: list[str]) -> None:
+    The sums are taken term by term in the order of ``sum`` over the block's entries (so the floats are the
+    same as that loop's); k = 0 and k = 2, the catalog's shapes, are written out.
+    """
+    if k == 2:
+        b0, b1 = beta
+        level = m[3] - (0.0 + b0 * m[1] + b1 * m[2])
+        if not spread:
+            return level, 0.0
+        v1, v2 = -b0, -b1
+        return level, (0.0 + v1 * v1 * m[5] + v1 * v2 * m[6] + v1 * 1.0 * m[7] + v2 * v1 * m[9] + v2 * v2 * m[10]
+                       + v2 * 1.0 * m[11] + 1.0 * v1 * m[13] + 1.0 * v2 * m[14] + 1.0 * 1.0 * m[15])
+    if k == 0:
+        return m[1] - 0.0, 0.0 + 1.0 * 1.0 * m[3]
+    size = k + 2
+    level = m[k + 1] - sum(beta[j] * m[1 + j] for j in range(k))
+    if not spread:
+        return level, 0.0
+    v = [0.0, *(-b for b in beta), 1.0]
+    return level, sum(v[i] * v[j] * m[i * size + j] for i in range(1, k + 2) for j in range(1, k + 2))
+
+
+class _Closing:
+    """The windows a batch closes (accumulator rows in closing order) with their statistics as Python values.
+
+    ``rows`` holds each row's columns before the moment block. For the rows of wear signals (``moment_at``: where
+    each signal's block sits) it also holds the block (``moments``, row-major) and its centring terms
+    ``m[i]·m[j] / n_used`` over the block's first row (``centring``): numpy computes them for every row at once,
+    with the IEEE operations ``_close_channel`` did one float at a time, so the results are bit for bit the same.
+    """
+
+    def __init__(self, a: np.ndarray, starts: np.ndarray, sigs: list[str], moment_at: dict[str, list[int]]) -> None:
         n = a[:, N]
         mean = a[:, SUM] / n
         std = np.sqrt(np.maximum(a[:, SUMSQ] / n - mean * mean, 0.0))
-        self.rows: list[list[float]] = a.tolist()
+        self.rows: list[list[float]] = a[:, :BASE].tolist()
         self.starts: list[int] = starts.tolist()
         self.sigs = sigs
         self.counts: list[int] = n.astype(np.int64).tolist()
         self.means: list[float] = mean.tolist()
         self.stds: list[float] = std.tolist()
         self.flat = a[:, HI] - a[:, LO] <= 1e-9 * np.maximum(1.0, np.abs(a[:, LO]))  # min = max: maybe stuck
+        self.moments: list[list[float] | None] = [None] * len(sigs)
+        self.centring: list[list[float] | None] = [None] * len(sigs)
+        if not len(a):
+            return
+        by_block: dict[tuple[int, ...], list[int]] = {}
+        for row, sig in enumerate(sigs):
+            at = moment_at.get(sig)
+            if at is not None:
+                by_block.setdefault(tuple(at), []).append(row)
+        nu = a[:, N_USED]
+        for at, rows in by_block.items():
+            size = math.isqrt(len(at))
+            idx = np.asarray(rows, dtype=np.int64)
+            m = a[np.ix_(idx, np.asarray(at, dtype=np.int64))]
+            first = m[:, :size]
+            with np.errstate(divide="ignore", invalid="ignore"):  # n_used = 0: rows the close never centres
+                centring = (first[:, :, None] * first[:, None, :]).reshape(len(idx), -1) / nu[idx, None]
+            for row, mv, cv in zip(rows, m.tolist(), centring.tolist(), strict=True):
+                self.moments[row] = mv
+                self.centring[row] = cv
 
 
 class Detector:
@@ -374,14 +424,11 @@ class Detector:
         # Decoded forms of the texts this detector last wrote into each tractor's state (text, decoded).
         self._dd_memo: dict[str, tuple[str, int]] = {}
         self._acc_memo: dict[str, tuple[str, np.ndarray]] = {}
-        # Per covariate count k: where a window's (k + 2)² moment block sits in its accumulator row, and the
-        # (row, column) of each entry.
-        self._moment_at: dict[int, list[int]] = {}
-        self._pairs: dict[int, list[tuple[int, int]]] = {}
-        for k in {c.k for c in self.channels.values()}:
-            sel = [*range(k + 1), self.d - 1]
-            self._moment_at[k] = [BASE + i * self.d + j for i in sel for j in sel]
-            self._pairs[k] = [(i, j) for i in range(k + 2) for j in range(k + 2)]
+        # Per wear signal: where its windows' (k + 2)² moment block sits in an accumulator row (row-major).
+        self._moment_of: dict[str, list[int]] = {}
+        for sig, ch in self.channels.items():
+            sel = [*range(ch.k + 1), self.d - 1]
+            self._moment_of[sig] = [BASE + i * self.d + j for i in sel for j in sel]
         # Squared covariate scales of each channel, for the normaliser's ridge.
         self.scales_sq = {sig: [max(abs(r), 1.0) ** 2 for r in ch.refs.tolist()] for sig, ch in self.channels.items()}
         # Nominal → failure distance of each channel in regression space (the widest of its parts).
@@ -509,7 +556,9 @@ class Detector:
             level[idx] = [cs["level"] for _, cs in learnt]
             if ch.k:
                 beta[idx, :ch.k] = [cs["beta"] for _, cs in learnt]
-            width[idx] = [self._gate_width(ch, cs) for _, cs in learnt]
+            # _gate_width for all at once (numpy's maximum and products give the same floats)
+            width[idx] = np.maximum(self.params.gate_sigmas * np.array([cs["sigma"] for _, cs in learnt], dtype=float),
+                                    self.params.gate_span * self.spans[ch.signal])
         return level, beta, width
 
     def _gate_width(self, ch: Channel, cs: dict[str, Any]) -> float:
@@ -785,7 +834,7 @@ class Detector:
             return
         idx = np.flatnonzero(closable)
         idx = idx[np.lexsort((keys[idx, 2], keys[idx, 1]))]
-        closing = _Closing(acc[idx], keys[idx, 1], [signals[i] for i in keys[idx, 2].tolist()])
+        closing = _Closing(acc[idx], keys[idx, 1], [signals[i] for i in keys[idx, 2].tolist()], self._moment_of)
         self._close_windows(tid, st, closing, 0, len(idx), out)
 
     def _keep_open(self, tid: str, st: dict[str, Any], w: list[Any], sigs: list[str], kept: np.ndarray) -> None:
@@ -810,7 +859,8 @@ class Detector:
                  "slope_lo": None, "slope_hi": None, "quality_flags": ""}
             ch = self.channels.get(sig)
             if ch is not None:
-                self._close_channel(tid, st, ch, w, rows[row], r, out, self._frozen(ch, w, stuck))
+                self._close_channel(tid, st, ch, w, rows[row], c.moments[row], c.centring[row], r, out,
+                                    self._frozen(ch, w, stuck))
             out.windows.append(r)
 
     def _stuck_windows(self, st: dict[str, Any], c: _Closing, lo: int, hi: int) -> set[tuple[int, str]]:
@@ -857,16 +907,20 @@ class Detector:
         kept_acc = acc[rest]
         kept_w = keys[rest, 1].tolist()
         kept_sig = [signals[i] for i in keys[rest, 2].tolist()]
-        closing = _Closing(acc[shut], keys[shut, 1], [signals[i] for i in keys[shut, 2].tolist()])
+        closing = _Closing(acc[shut], keys[shut, 1], [signals[i] for i in keys[shut, 2].tolist()], self._moment_of)
         for code, tid in enumerate(tids):
             st = states[tid]
             lo, hi = rest_at[code], rest_at[code + 1]
             self._keep_open(tid, st, kept_w[lo:hi], kept_sig[lo:hi], kept_acc[lo:hi].copy())
             self._close_windows(tid, st, closing, shut_at[code], shut_at[code + 1], out)
 
-    def _close_channel(self, tid: str, st: dict[str, Any], ch: Channel, w: int, a: list[float], r: dict[str, Any],
-                       out: Outputs, stuck: bool = False) -> None:
-        """Normalise one closed window of a wear signal, update its trend and change detector, assess its parts."""
+    def _close_channel(self, tid: str, st: dict[str, Any], ch: Channel, w: int, a: list[float], m: list[float],
+                       centring: list[float], r: dict[str, Any], out: Outputs, stuck: bool = False) -> None:
+        """Normalise one closed window of a wear signal, update its trend and change detector, assess its parts.
+
+        ``a``: the window's accumulator columns before the moment block; ``m``, ``centring``: its moment block
+        and centring terms (``_Closing``).
+        """
         p = self.params
         cs = st["sig"].setdefault(ch.signal, {"S": None, "beta": None, "sigma": 0.0, "level": None, "hist": [],
                                                "base": None, "trend": None, "cp": 0.0, "cn": 0.0, "rej": 0,
@@ -883,12 +937,9 @@ class Detector:
             cs["rejv"] = []
             # Plain floats: a window's moment block is at most 4 × 4, numpy calls would cost more than the maths.
             size = k + 2
-            m = [a[i] for i in self._moment_at[k]]  # row-major size × size: [1, covariates, y]
             beta = cs["beta"] if cs["beta"] is not None else [0.0] * k
-            y = k + 1
-            u = (m[y] - sum(beta[j] * m[1 + j] for j in range(k))) / nu
-            v = [0.0, *(-b for b in beta), 1.0]
-            vmv = sum(v[i] * v[j] * m[i * size + j] for i in range(1, k + 2) for j in range(1, k + 2))
+            u, vmv = _level_and_spread(m, beta, k)
+            u /= nu
             resid_var = max(vmv / nu - u * u, 0.0)
             if nu >= 3 and cs["sigma"] > 0 and math.sqrt(resid_var) > p.noisy_ratio * cs["sigma"]:
                 flags.append("noisy")
@@ -897,7 +948,7 @@ class Detector:
                 # so the condition effects are learnt free of the wear trend.
                 old = cs["S"] or [0.0] * (size * size)
                 decay = self.decay
-                new_s = [decay * o + x - m[i] * m[j] / nu for o, x, (i, j) in zip(old, m, self._pairs[k], strict=True)]
+                new_s = [decay * o + x - c for o, x, c in zip(old, m, centring, strict=True)]
                 new_s[0] = decay * old[0] + nu
                 cs["S"] = new_s
                 cs["refit"] += 1
@@ -905,8 +956,7 @@ class Detector:
                     fit = solve_moments(new_s, size, self.scales_sq[ch.signal], 1e-5)
                     if fit is not None:
                         cs["beta"], cs["sigma"], cs["refit"] = fit[0][1:], fit[1], 0
-                        beta = cs["beta"]
-                        u = (m[y] - sum(beta[j] * m[1 + j] for j in range(k))) / nu
+                        u = _level_and_spread(m, cs["beta"], k, spread=False)[0] / nu
                 if new_s[0] >= p.min_samples:
                     norm = ch.untransform(u)
                 cs["level"] = u
