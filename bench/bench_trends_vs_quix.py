@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+from confluent_kafka import ConsumerGroupState, KafkaException
+from confluent_kafka.admin import AdminClient
 from kafka import KafkaProducer
 
 from bench.common import Stopwatch, bench_stack, create_topic, fleet_messages, fresh_database, report
@@ -42,8 +44,32 @@ def _fill(s: Settings, topic: str, tractors: int, seconds: int) -> int:
     return sent
 
 
-def run_ours(s: Settings, topic: str, expected: int, url: str | None = None) -> dict[str, Any]:
-    """Run the real trends-detect function (one worker) until it has consumed ``expected``; SQLite unless ``url``."""
+def wait_until_assigned(s: Settings, group: str, topic: str, timeout_s: float = 120.0) -> float:
+    """Block until consumer group ``group`` is stable with every partition of ``topic`` assigned; seconds waited.
+
+    The live phase starts its traffic only then, so its latencies are steady-state ones, not a consumer's start-up
+    (database migrations, group join) that one implementation happens to spend before its first poll.
+    """
+    admin = AdminClient({"bootstrap.servers": s.bootstrap})
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        try:
+            desc = admin.describe_consumer_groups([group], request_timeout=5)[group].result()
+            owned = {tp.partition for m in desc.members for tp in m.assignment.topic_partitions if tp.topic == topic}
+            if desc.state == ConsumerGroupState.STABLE and len(owned) == s.kafka_partitions:
+                return time.monotonic() - started
+        except KafkaException:
+            pass  # the group does not exist yet
+        time.sleep(0.2)
+    raise RuntimeError(f"consumer group {group} did not get all of {topic} within {timeout_s:.0f} s")
+
+
+def run_ours(s: Settings, topic: str, expected: int, url: str | None = None,
+             ready: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the real trends-detect function (one worker) until it has consumed ``expected``; SQLite unless ``url``.
+
+    ``ready(group)`` is called once the worker runs (the live phase waits there for the group's assignment).
+    """
     url = url or f"sqlite:///{s.run_dir / f'bench-{topic}.db'}"
     upgrade(url)
     engine = make_engine(url)
@@ -67,6 +93,8 @@ def run_ours(s: Settings, topic: str, expected: int, url: str | None = None) -> 
     tune_gc(s.functions_gc_full_every)  # as `fleetwatch functions run` does in a worker process
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
+    if ready is not None:
+        ready(worker.group)
     sessions = make_sessions(engine)
     while True:
         with sessions() as session:
@@ -86,14 +114,19 @@ def run_ours(s: Settings, topic: str, expected: int, url: str | None = None) -> 
             "latency_max_s": float(lat.max())}
 
 
-def run_quix(s: Settings, topic: str, expected: int) -> dict[str, Any]:
-    """Run the Quix Streams baseline in its own process until it has consumed ``expected``."""
-    out = subprocess.run([sys.executable, "-m", "bench.quix_trends", "--bootstrap", s.bootstrap, "--topic", topic,
-                          "--messages", str(expected), "--window-s", str(PARAMS["window_s"]),
-                          "--grace-s", str(PARAMS["lateness_s"])], capture_output=True, text=True, timeout=900)
-    if out.returncode != 0:
-        raise RuntimeError(f"quix baseline failed: {out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def run_quix(s: Settings, topic: str, expected: int, ready: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the Quix Streams baseline in its own process until it has consumed ``expected`` (``ready`` as ours)."""
+    group = f"quix-{topic}-{time.time_ns()}"
+    proc = subprocess.Popen([sys.executable, "-m", "bench.quix_trends", "--bootstrap", s.bootstrap, "--topic", topic,
+                             "--group", group, "--messages", str(expected), "--window-s", str(PARAMS["window_s"]),
+                             "--grace-s", str(PARAMS["lateness_s"])], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    if ready is not None:
+        ready(group)
+    out, err = proc.communicate(timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"quix baseline failed: {err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main(tractors: int = 1000, seconds: int = 180, live_rate: float = 2000.0, live_seconds: int = 20) -> None:
@@ -108,17 +141,26 @@ def main(tractors: int = 1000, seconds: int = 180, live_rate: float = 2000.0, li
         ours_sqlite = run_ours(s, backlog, n)
         quix = run_quix(s, backlog, n)
         live_rows: dict[str, dict[str, Any]] = {}
-        runners: dict[str, Callable[[Settings, str, int], dict[str, Any]]] = {
-            "ours": lambda st, t, k: run_ours(st, t, k, fresh_database(st, f"bench_quix_live_{tag}")),
+        runners: dict[str, Callable[[Settings, str, int, Callable[[str], None]], dict[str, Any]]] = {
+            "ours": lambda st, t, k, ready: run_ours(st, t, k, fresh_database(st, f"bench_quix_live_{tag}"), ready),
             "quix": run_quix}
         for name, runner in runners.items() if live_seconds > 0 else ():
             topic = f"bench-live-{name}-{tag}"
             create_topic(s, topic, s.kafka_partitions)
             result: dict[str, Any] = {}
-            consumer = threading.Thread(target=lambda r=runner, t=topic, out=result: out.update(
-                r(s, t, int(live_rate * live_seconds))))
+            assigned = threading.Event()
+
+            def ready(group: str, t: str = topic, done: threading.Event = assigned, out: dict[str, Any] = result
+                      ) -> None:
+                out["ready_s"] = wait_until_assigned(s, group, t)
+                done.set()
+
+            consumer = threading.Thread(target=lambda r=runner, t=topic, out=result, rd=ready: out.update(
+                r(s, t, int(live_rate * live_seconds), ready=rd)))
             consumer.start()
-            time.sleep(3)  # let the consumer join its group before the live traffic starts
+            if not assigned.wait(180):
+                raise RuntimeError(f"{name}: consumer never got the live topic's partitions")
+            time.sleep(1)  # positioned at the (empty) partitions' ends
             _fill_existing(s, topic, int(live_rate), live_seconds, live_rate)
             consumer.join()
             live_rows[name] = result

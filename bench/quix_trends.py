@@ -26,10 +26,11 @@ def main() -> None:
     ap.add_argument("--window-s", type=int, default=10)
     ap.add_argument("--grace-s", type=int, default=2)
     ap.add_argument("--history", type=int, default=48)
+    ap.add_argument("--group", help="consumer group (default: a new one)")
     args = ap.parse_args()
 
     state_dir = tempfile.mkdtemp(prefix="quix-state-")
-    app = Application(broker_address=args.bootstrap, consumer_group=f"quix-{args.topic}-{time.time_ns()}",
+    app = Application(broker_address=args.bootstrap, consumer_group=args.group or f"quix-{args.topic}-{time.time_ns()}",
                       auto_offset_reset="earliest", state_dir=state_dir, use_changelog_topics=False,
                       auto_create_topics=True)
     topic = app.topic(args.topic, value_deserializer="json", timestamp_extractor=_event_ms)

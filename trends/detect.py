@@ -1384,6 +1384,24 @@ def _dbapi(session: Session) -> Any:
     return dbapi
 
 
+def _create_stage(cur: Any) -> None:
+    """Create this connection's staging table for ``_update_states_by_copy`` unless it has one.
+
+    Its JSON columns are stored out of line *uncompressed*: the UPDATE copies a staged value as it is stored, so a
+    value compressed here would keep this table's method (pglz, the default, costs twice lz4 there);
+    uncompressed, it is compressed once, by ``trend_state``'s own column method (lz4 since migration 0004).
+    Looked up every time: a rolled-back batch takes the table it created with it.
+    """
+    cur.execute("SELECT to_regclass('pg_temp.trend_state_stage') IS NOT NULL")
+    row = cur.fetchone()
+    if row and row[0]:
+        return
+    cur.execute("CREATE TEMP TABLE trend_state_stage (tractor_id varchar(32), state json, live json,"
+                " generation bigint, updated_at timestamptz)")
+    cur.execute("ALTER TABLE trend_state_stage ALTER COLUMN state SET STORAGE EXTERNAL,"
+                " ALTER COLUMN live SET STORAGE EXTERNAL")
+
+
 def _update_states_by_copy(session: Session, rows: list[dict[str, Any]]) -> None:
     """``UPDATE trend_state`` for many rows on PostgreSQL: a binary COPY into a staging table, then one UPDATE.
 
@@ -1394,8 +1412,7 @@ def _update_states_by_copy(session: Session, rows: list[dict[str, Any]]) -> None
     if not rows:
         return
     with _dbapi(session).cursor() as cur:
-        cur.execute("CREATE TEMP TABLE IF NOT EXISTS trend_state_stage (tractor_id varchar(32), state json, live json,"
-                    " generation bigint, updated_at timestamptz)")
+        _create_stage(cur)
         with cur.copy("COPY trend_state_stage (tractor_id, state, live, generation, updated_at) FROM STDIN"
                       " (FORMAT BINARY)") as copy:
             copy.set_types(["text", "text", "text", "int8", "timestamptz"])  # json's binary form is its text

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 
 from functions.model import Context, Metrics
 from tests.trends.test_detect import fleet_records
@@ -22,6 +22,28 @@ def test_cached_states_survive_a_rolled_back_batch_and_a_write_by_another_worker
 @pytest.mark.services
 def test_states_written_through_the_postgresql_staging_table_match_the_detectors(pg_url: str) -> None:
     _states_match_the_table(pg_url)
+
+
+@pytest.mark.services
+def test_states_are_stored_compressed_with_lz4_on_postgresql(pg_url: str) -> None:
+    from fleetwatch.db import upgrade
+    from functions.db import make_engine, make_sessions
+
+    upgrade(pg_url)
+    engine = make_engine(pg_url)
+    sessions = make_sessions(engine)
+    records = fleet_records(8, tractors=3)
+    for a in range(0, len(records), 200):
+        with sessions() as session:
+            handler({"records": {"telemetry-0": records[a:a + 200]}}, Context("trends-detect", 60, session, {},
+                                                                              Metrics()))
+            session.commit()
+    with sessions() as session:
+        methods = session.execute(text(
+            "SELECT pg_column_compression(state), pg_column_compression(live) FROM trend_state")).all()
+    engine.dispose()
+    used = {m for row in methods for m in row if m is not None}  # None: a value too small to compress
+    assert used == {"lz4"}
 
 
 def _states_match_the_table(url: str) -> None:
@@ -47,8 +69,10 @@ def _states_match_the_table(url: str) -> None:
         return metrics
 
     for i, batch in enumerate(batches):
-        if i == 5:
-            invoke(batch, commit=False)  # this batch fails at commit: the cache must not keep its effects
+        if i in (0, 5):
+            # This batch fails at commit: the cache must not keep its effects (and on PostgreSQL the first one
+            # takes the connection's new staging table with it).
+            invoke(batch, commit=False)
         if i == 9:
             with sessions() as session:  # another worker (after a rebalance) wrote these rows meanwhile
                 session.execute(update(trend_state).values(generation=trend_state.c.generation + 1))
