@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import threading
 import time
 from datetime import datetime
 from typing import Any
@@ -27,6 +28,10 @@ def main() -> None:
     ap.add_argument("--grace-s", type=int, default=2)
     ap.add_argument("--history", type=int, default=48)
     ap.add_argument("--group", help="consumer group (default: a new one)")
+    ap.add_argument("--start-at", type=float, default=0.0,
+                    help="epoch s: hold the first record until then, so every process of a pool joins first")
+    ap.add_argument("--idle-stop-s", type=float, default=0.0,
+                    help="stop after this long without a record (one process of a pool sees a share only)")
     args = ap.parse_args()
 
     state_dir = tempfile.mkdtemp(prefix="quix-state-")
@@ -35,14 +40,17 @@ def main() -> None:
                       auto_create_topics=True)
     topic = app.topic(args.topic, value_deserializer="json", timestamp_extractor=_event_ms)
     sdf = app.dataframe(topic)
-    seen = {"n": 0, "first": 0.0, "last": 0.0, "lat": []}
+    seen: dict[str, Any] = {"n": 0, "first": 0.0, "last": 0.0, "last_wall": 0.0, "lat": []}
 
     def count(value: dict[str, Any], key: Any, timestamp: int, headers: Any) -> None:
+        if seen["n"] == 0:
+            time.sleep(max(0.0, args.start_at - time.time()))
         now = time.time()
         if seen["n"] == 0:
             seen["first"] = time.perf_counter()
         seen["n"] += 1
         seen["last"] = time.perf_counter()
+        seen["last_wall"] = now
         seen["lat"].append(now - timestamp / 1000)  # live runs stamp event time = produce time
         if seen["n"] >= args.messages:
             app.stop()
@@ -76,10 +84,17 @@ def main() -> None:
         return out
 
     sdf = sdf.apply(slope, stateful=True)
+    if args.idle_stop_s > 0:
+        def watch() -> None:
+            while not seen["n"] or time.time() - seen["last_wall"] < args.idle_stop_s:
+                time.sleep(0.2)
+            app.stop()
+
+        threading.Thread(target=watch, daemon=True).start()
     app.run()
     elapsed = seen["last"] - seen["first"]
     lat = np.asarray(seen["lat"]) if seen["lat"] else np.zeros(1)
-    print(json.dumps({"messages": seen["n"], "seconds": elapsed,
+    print(json.dumps({"messages": seen["n"], "seconds": elapsed, "last_wall": seen["last_wall"],
                       "messages_per_s": seen["n"] / elapsed if elapsed > 0 else None,
                       "latency_p50_s": float(np.percentile(lat, 50)), "latency_p99_s": float(np.percentile(lat, 99)),
                       "latency_max_s": float(lat.max())}))
