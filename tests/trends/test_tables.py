@@ -21,6 +21,9 @@ AWKWARD: list[Any] = [
     {"big": 2 ** 70, "neg": -(2 ** 64), "tiny": 5e-324, "huge": 1.7976931348623157e308},
     {"text": "ünïcödé \u2028 \ud800", "empty": {}, "list": []},
     [0.1, 1e-7, 123456789.123456789, 1e22, -1e-300],
+    # None values next to NaN and infinity where counting the dicts' Nones alone would not see them
+    {"base": None, "hist": [[1.0, math.nan]], "sig": {"x": {"level": None, "S": [math.inf, None]}}},
+    {"trend": [None, 1.0], "sigma": math.nan, "name": "null"},
 ]
 
 
