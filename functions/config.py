@@ -42,6 +42,8 @@ class FunctionConfig(BaseModel):
     scale_lag_per_worker: int = Field(1000, ge=1, description="autoscale: records of lag one worker should carry")
     scale_interval_s: float = Field(10.0, gt=0, le=3600, description="autoscale: seconds between lag checks")
     transactional: bool = Field(True, description="store offsets in the database in the handler's transaction")
+    pipelined: bool = Field(False, description="transactional on PostgreSQL: the writes a handler defers "
+                            "(context.defer) and the commit run in the background while the next batch is handled")
     params: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")

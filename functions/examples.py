@@ -6,6 +6,7 @@ Each takes its knobs from ``context.params`` (the ``[function.params]`` table of
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -61,6 +62,36 @@ def store_rows(event: dict[str, Any], context: Context) -> dict[str, Any] | None
                         {"t": r["topic"], "p": r["partition"], "o": r["offset"], "w": str(os.getpid())})
     context.metrics.incr("rows", len(records) - len(failures))
     return {"batchItemFailures": failures} if failures else None
+
+
+# Threads that ran ``store_rows_deferred``'s writes, and the offsets whose first write was made to fail.
+WRITERS: list[str] = []
+COMMIT_FAILED: Counter[int] = Counter()
+
+
+def store_rows_deferred(event: dict[str, Any], context: Context) -> None:
+    """``store_rows`` with the inserts deferred (``context.defer``): a pipelined function writes them in the background.
+
+    ``params.fail_commit_at`` (an offset) makes the first write of the batch holding it fail, as a background
+    commit can (the batch is then handled again); ``params.sleep_s`` pauses every write that long.
+    """
+    rows = [{"t": r["topic"], "p": r["partition"], "o": r["offset"], "w": str(os.getpid())}
+            for r in event_records(event)]
+    table = context.params["table"]
+    fail_at = context.params.get("fail_commit_at")
+    pause = float(context.params.get("sleep_s", 0))
+
+    def write(session: Any) -> None:
+        WRITERS.append(threading.current_thread().name)
+        if pause:
+            time.sleep(pause)
+        if fail_at is not None and any(r["o"] == fail_at for r in rows) and not COMMIT_FAILED[fail_at]:
+            COMMIT_FAILED[fail_at] += 1
+            raise RuntimeError(f"write of offset {fail_at} failed (test)")
+        session.execute(text(f'INSERT INTO "{table}" (topic, part, "offset", worker) VALUES (:t, :p, :o, :w)'), rows)
+
+    context.defer(write)
+    context.metrics.incr("rows", len(rows))
 
 
 FINAL_FAILURES: Counter[str] = Counter()

@@ -92,6 +92,7 @@ def run_local(fn: FunctionConfig, handler: Handler, source: MemorySource,
         if not batch:
             break
         invoker.process(batch)
+    invoker.drain()
     invoker.tick()
     invoker.flush_logs()
     done = {tp: p for tp, p in invoker.positions.items() if p is not None}

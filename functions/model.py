@@ -310,10 +310,29 @@ class Context:
         self.params = params
         self.emitted: list[Emitted] = []
         self._topic = topic
+        # Set by the runtime for a pipelined function (FunctionConfig.pipelined): ``defer`` then collects the
+        # writes it runs after the handler, and ``commit_pending`` tells that this worker's previous batch may
+        # still be committing (``wait_for_commit`` waits for it; it raises if that commit failed).
+        self.pipelined = False
+        self.deferred: list[Callable[[Session], None]] = []
+        self.commit_pending = False
+        self.wait_for_commit: Callable[[], None] = lambda: None
 
     def get_remaining_time_in_millis(self) -> int:
         """Milliseconds until the invocation times out."""
         return max(0, int((self._deadline - time.monotonic()) * 1000))
+
+    def defer(self, write: Callable[[Session], None]) -> None:
+        """Run ``write(session)`` in this batch's transaction: now, or after the handler when pipelined.
+
+        A pipelined function's deferred writes run on a background thread while the next batch is handled, so
+        they must use only what they were given (the session, values computed by the handler).
+        """
+        if self.pipelined:
+            self.deferred.append(write)
+        else:
+            assert self.session is not None, "deferred writes need a transactional function"
+            write(self.session)
 
     def emit(self, topic: str, key: str | bytes | None, value: dict[str, Any] | bytes) -> None:
         """Publish ``value`` to the logical ``topic`` after this batch commits (exactly once with the DB)."""

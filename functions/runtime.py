@@ -38,7 +38,7 @@ BACKOFF_MAX_S = 5.0
 _OFFSET = attrgetter("offset")
 _TIMESTAMP = attrgetter("timestamp")
 
-__all__ = ["Checkpointer", "Fenced", "InvocationTimeout", "Invoker", "MemoryCheckpointer", "Stopped",
+__all__ = ["Checkpointer", "CommitFailed", "Fenced", "InvocationTimeout", "Invoker", "MemoryCheckpointer", "Stopped",
            "failure_document", "load_handler"]
 
 
@@ -48,6 +48,49 @@ class InvocationTimeout(BaseException):
 
 class Stopped(Exception):
     """The worker was asked to stop while a final window invocation was still being retried."""
+
+
+class CommitFailed(Fenced):
+    """A pipelined batch's background commit failed: what was handled after it is void; rewind to the stored offsets."""
+
+
+class _Pipeline:
+    """The background commit of a pipelined function's batch: one at a time, on its own thread."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.emitted = False  # the batch in flight wrote outbox rows (publish once it has committed)
+
+    @property
+    def busy(self) -> bool:
+        """A batch was handed over and its outcome has not been collected by ``wait`` yet."""
+        return self._thread is not None
+
+    def submit(self, job: Callable[[], None], emitted: bool) -> None:
+        """Run ``job`` (writes and commit of one batch) in the background; at most one at a time."""
+        assert self._thread is None, "wait() for the batch in flight first"
+
+        def run() -> None:
+            try:
+                job()
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread by wait()
+                self._error = exc
+
+        self.emitted = emitted
+        self._thread = threading.Thread(target=run, name="fn-commit", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> bool:
+        """Wait for the batch in flight; True when it wrote outbox rows. Raises CommitFailed when it failed."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return False
+        thread.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise CommitFailed(f"background commit failed: {type(error).__name__}: {error}"[:2000]) from error
+        return self.emitted
 
 
 class Checkpointer(Protocol):
@@ -181,6 +224,7 @@ class Stats:
     filtered_records: int = 0
     expired_records: int = 0
     windows_closed: int = 0
+    background_commits: int = 0  # batches a pipelined function handed to the background commit
 
 
 @dataclass(slots=True)
@@ -237,6 +281,10 @@ class Invoker:
         self._unlogged_filtered = 0
         self._log_buffer: list[dict[str, Any]] = []
         self._log_flushed = time.monotonic()
+        # Pipelined functions: the batch whose writes and commit run in the background (FunctionConfig.pipelined).
+        self._pipeline = _Pipeline() if fn.pipelined and fn.transactional and sessions is not None \
+            and fn.tumbling_window_s == 0 else None
+        self._sync_next = False  # after a failed background commit, the batch is handled again synchronously
 
     # -------------------------------------------------------------- ownership
     def assign(self, positions: dict[TP, int | None], windows: dict[TP, Window] | None = None) -> None:
@@ -271,8 +319,26 @@ class Invoker:
             else:
                 self._run(accepted)
             self._commit_leftovers()
+            if self._sync_next:  # the batch a failed background commit left was handled synchronously
+                self.drain()
+                self._sync_next = False
         finally:
             self.publish_pending()
+
+    def drain(self) -> None:
+        """Wait for a pipelined batch still committing in the background, then relay what it put in the outbox.
+
+        Raises CommitFailed when that commit failed (the caller rewinds to the stored offsets).
+        """
+        if self._pipeline is None or not self._pipeline.busy:
+            return
+        try:
+            if self._pipeline.wait():
+                self.unpublished = True
+        except CommitFailed:
+            self._sync_next = True
+            raise
+        self.publish_pending()
 
     def publish_pending(self) -> None:
         """Relay the outbox when this worker committed rows to it (or an earlier relay did not finish)."""
@@ -371,6 +437,12 @@ class Invoker:
         """Invoke once; on success commit effects, offsets and window state together."""
         session = self.sessions() if self.sessions else None
         ctx = Context(self.fn.name, self.fn.timeout_s, session, self.fn.params, self.metrics, self.topic)
+        pipeline = self._pipeline if window is None and not self._sync_next and session is not None \
+            and session.get_bind().dialect.name == "postgresql" else None
+        if pipeline is not None:
+            ctx.pipelined = True
+            ctx.commit_pending = pipeline.busy
+            ctx.wait_for_commit = self.drain
         extra = self._window_fields(window, final) if window else None
         started_at, started = datetime.now(UTC), time.monotonic()
         ctx.logger.addHandler(ctx.captured)
@@ -382,11 +454,19 @@ class Invoker:
                     response = self.handler(build_event(records, extra=extra, runs=partition_runs(records)), ctx)
                 if time.monotonic() - started > self.fn.timeout_s:
                     raise InvocationTimeout(f"invocation exceeded {self.fn.timeout_s:g}s")
+                failed = self._item_failures(response, records)
+                if ctx.deferred and (failed or pipeline is None):  # not handed to the background after all
+                    for write in ctx.deferred:
+                        write(session)  # type: ignore[arg-type]
+                    ctx.deferred.clear()
                 if session is not None:
                     session.flush()  # ORM writes fail here, as the handler's error, not at commit
-                failed = self._item_failures(response, records)
                 new_state = self._new_state(response) if window else None
             except (Exception, InvocationTimeout) as exc:  # noqa: BLE001 - any handler error is an error outcome
+                if isinstance(exc, CommitFailed):  # the previous batch's background commit (wait_for_commit)
+                    if session is not None:
+                        session.rollback()
+                    raise
                 if database_unreachable(exc):  # not the records' fault: the worker rewinds to the stored offsets
                     if isinstance(exc, OperationalError):
                         raise
@@ -419,6 +499,10 @@ class Invoker:
             windows: dict[TP, Window | None] = {}
             if window is not None:
                 windows[window] = None if final else (self.windows[window][0], new_state)
+            if pipeline is not None and session is not None:
+                self._hand_over(pipeline, session, ctx, records, started_at, started)
+                session = None  # the background commit closes it
+                return _Outcome(ok=True)
             if session is not None:
                 for e in ctx.emitted:
                     store.enqueue(session, self.fn.name, e.topic, e.key, e.value)
@@ -442,8 +526,51 @@ class Invoker:
             log.debug("REPORT RequestId: %s Duration: %.2f ms Records: %d Outcome: %s", ctx.request_id, elapsed,
                       len(records), outcome)
 
+    def _hand_over(self, pipeline: _Pipeline, session: Session, ctx: Context, records: Sequence[Record],
+                   started_at: datetime, started: float) -> None:
+        """Checkpoint a handled batch in the background: its deferred writes, outbox, log row, offsets, commit.
+
+        The previous batch's commit is awaited first (one in flight at a time); the positions move on at once, so
+        the next batch is read and handled meanwhile. The next batch's offsets compare-and-set expects these
+        offsets, so if this commit fails the next one cannot commit either: the worker rewinds (CommitFailed).
+        """
+        try:
+            self.drain()
+        except CommitFailed:
+            session.rollback()
+            session.close()
+            raise
+        offsets, cursors, extra = self._frontier(records)
+        expected = {tp: self.positions.get(tp) for tp in offsets}
+        deferred, emitted = list(ctx.deferred), list(ctx.emitted)
+        log_row = self._log_values(ctx, started_at, started, len(records), "ok", None, records)
+        name, checkpointer = self.fn.name, self.checkpointer
+
+        def commit() -> None:
+            try:
+                for write in deferred:
+                    write(session)
+                for e in emitted:
+                    store.enqueue(session, name, e.topic, e.key, e.value)
+                session.execute(insert(store.fn_invocations).values(log_row))
+                checkpointer.commit(session, offsets, expected, {})
+            except BaseException:
+                session.rollback()
+                raise
+            finally:
+                session.close()
+
+        pipeline.submit(commit, bool(emitted))
+        self.stats.background_commits += 1
+        for tp, done in extra.items():
+            self._parts[tp].done.update(done)
+        for tp, cursor in cursors.items():
+            self._parts[tp].cursor = cursor
+        self.positions.update(offsets)
+
     def _commit(self, session: Session | None, records: Sequence[Record], windows: dict[TP, Window | None]) -> None:
         """Checkpoint ``records`` as done (plus window state), atomically with the session's writes."""
+        self.drain()  # a pipelined batch still committing goes first
         offsets, cursors, extra = self._frontier(records)
         expected = {tp: self.positions.get(tp) for tp in offsets}
         if not offsets and not windows and session is None:

@@ -207,8 +207,19 @@ class KafkaWorker:
         log.warning("%s[%s]: partitions lost %s", self.fn.name, self.worker_id, tps)
         self._release(consumer, tps)
 
+    def _settle(self) -> None:
+        """Let a pipelined batch finish committing before positions are read or handed over.
+
+        A failed commit is only logged here: the positions are then read from the database, where it left none.
+        """
+        try:
+            self.invoker.drain()
+        except (Fenced, OperationalError, KafkaException) as exc:
+            log.warning("%s[%s]: %s", self.fn.name, self.worker_id, exc)
+
     def _release(self, consumer: Consumer, tps: list[TP]) -> None:
         """Give partitions up (revoked or lost): the Invoker forgets them and a batch spanning this is read again."""
+        self._settle()
         self.generation += 1
         self.invoker.revoke(tps)
         self.assigned.difference_update(tps)
@@ -223,6 +234,7 @@ class KafkaWorker:
         """Durable offsets (else the starting position) for ``tps``; hands them and window state to the Invoker."""
         if not tps:
             return []
+        self._settle()
         stored: dict[TP, int] = {}
         windows: dict[TP, Window] = {}
         if self.sessions:
@@ -404,6 +416,7 @@ class KafkaWorker:
                 if batch:
                     self.invoker.process(batch)
                 else:
+                    self.invoker.drain()  # a pipelined batch's commit: its outbox rows go out now, not later
                     self.invoker.flush_logs()
                     if time.monotonic() - self._idle_relay >= IDLE_RELAY_S:  # rows a departed member left
                         self._idle_relay = time.monotonic()
@@ -433,6 +446,7 @@ class KafkaWorker:
     def close(self) -> None:
         """Leave the group and release clients."""
         self.stop_event.set()
+        self._settle()
         try:
             self.invoker.flush_logs()
         except OperationalError as exc:

@@ -15,6 +15,7 @@ import secrets
 import statistics
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -1301,7 +1302,8 @@ def _state_key(name: str) -> str:
 
 LIVE = ("wm", "dd", "open")  # the per-sample part of a tractor's state: ``trend_state.live``, written every batch
 STATE_CACHE_SIZE = Settings().trends_state_cache  # decoded states a worker keeps between batches, per database
-_state_cache: dict[str, OrderedDict[str, tuple[int, dict[str, Any]]]] = {}
+# Per database URL: key → (token written, state, token the row held before that write; None: no row).
+_state_cache: dict[str, OrderedDict[str, tuple[int, dict[str, Any], int | None]]] = {}
 
 
 def _decode(value: Any) -> dict[str, Any] | None:
@@ -1319,31 +1321,50 @@ class StateStore:
     (in the batch's transaction: if it rolls back, the stored token differs and the next batch reloads).
     """
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, context: Context | None = None) -> None:
         self.session = session
+        self.context = context
         url = session.get_bind().url.render_as_string(hide_password=False)
         self.cache = _state_cache.setdefault(url, OrderedDict())
-        self.stored: set[str] = set()  # keys with a row in the table
+        self.stored: set[str] = set()  # keys with a row in the table (or in the previous batch's pending commit)
         self.legacy: set[str] = set()  # rows written before 0003 (everything in ``state``)
+        self.current: dict[str, int | None] = {}  # the token each row holds when this batch's writes run
         self.hits = 0
 
     def load(self, keys: list[str]) -> dict[str, dict[str, Any]]:
-        """States of the keys that have a row (cache when current, else one query for the rest)."""
+        """States of the keys that have a row (cache when current, else one query for the rest).
+
+        While this worker's previous batch may still be committing (a pipelined function), a row still holding
+        the token that batch replaced is current too: its cached state is what that commit writes (and if the
+        commit fails, this batch cannot commit either). A key missing from the cache then waits for that commit
+        before it is read, so no state is read from before it.
+        """
         if not keys:
             return {}
         c = trend_state.c
+        pending = self.context is not None and self.context.commit_pending
         tokens = dict(self.session.execute(select(c.tractor_id, c.generation).where(c.tractor_id.in_(keys))).all())
         out: dict[str, dict[str, Any]] = {}
         missing: list[str] = []
         for k in keys:
             hit = self.cache.pop(k, None)
-            if k not in tokens:
-                continue
-            self.stored.add(k)
-            if hit is not None and tokens[k] and hit[0] == tokens[k]:
+            token = tokens.get(k)
+            if hit is not None and ((token and hit[0] == token) or (pending and token == hit[2])):
                 out[k] = hit[1]
-            else:
+                self.stored.add(k)
+                self.current[k] = hit[0]
+            elif k in tokens or (pending and hit is not None):
                 missing.append(k)
+        if missing and pending:
+            assert self.context is not None
+            self.context.wait_for_commit()
+            self.context.commit_pending = False
+            tokens = dict(self.session.execute(select(c.tractor_id, c.generation)
+                                               .where(c.tractor_id.in_(missing))).all())
+            missing = [k for k in missing if k in tokens]
+        for k in missing:
+            self.stored.add(k)
+            self.current[k] = tokens[k]
         self.hits += len(out)
         if missing:
             rows = self.session.execute(select(c.tractor_id, c.state, c.live).where(c.tractor_id.in_(missing)))
@@ -1358,7 +1379,19 @@ class StateStore:
         return out
 
     def save(self, states: dict[str, dict[str, Any]], slow_changed: set[str]) -> None:
-        """Write the states: ``live`` always, ``state`` too for new, legacy and ``slow_changed`` keys."""
+        """Write the states: ``live`` always, ``state`` too for new, legacy and ``slow_changed`` keys.
+
+        The writes go through ``context.defer`` when there is a context (in the background for a pipelined
+        function); the states are encoded here, so the writes use nothing the next batch changes.
+        """
+        write = self.prepare(states, slow_changed)
+        if self.context is not None:
+            self.context.defer(write)
+        else:
+            write(self.session)
+
+    def prepare(self, states: dict[str, dict[str, Any]], slow_changed: set[str]) -> Callable[[Session], None]:
+        """Cache the states under new tokens and return the writes that store them (run in this batch's transaction)."""
         now = datetime.now(UTC)
         fresh: list[dict[str, Any]] = []
         full: list[dict[str, Any]] = []
@@ -1375,20 +1408,31 @@ class StateStore:
             else:
                 live.append({"key": k, **row})
             if STATE_CACHE_SIZE > 0:
-                self.cache[k] = (token, st)
-        c = trend_state.c
-        _execute_many(self.session, "state-insert", insert(trend_state), fresh)
-        if self.session.get_bind().dialect.name == "postgresql":
-            _update_states_by_copy(self.session, full + live)
-        else:
-            for rows, cols in ((full, ("state", "live", "generation", "updated_at")),
-                               (live, ("live", "generation", "updated_at"))):
-                if rows:  # one executemany, not a round trip per tractor
-                    _execute_many(self.session, f"state-update-{len(cols)}", update(trend_state).where(
-                        c.tractor_id == bindparam("key")).values({col: bindparam(col) for col in cols}), rows)
+                self.cache[k] = (token, st, self.current.get(k))
         self.stored.update(states)
         while len(self.cache) > STATE_CACHE_SIZE:
             self.cache.popitem(last=False)
+        postgres = self.session.get_bind().dialect.name == "postgresql"
+        if postgres:  # encoded now: the states change while a pipelined batch's writes run
+            new_rows = [(r["tractor_id"], encode_state(r["state"]), encode_state(r["live"]), r["generation"],
+                         r["updated_at"]) for r in fresh]
+            staged = [(r["key"], None if r.get("state") is None else encode_state(r["state"]),
+                       encode_state(r["live"]), r["generation"], r["updated_at"]) for r in full + live]
+
+        def write(session: Session) -> None:
+            c = trend_state.c
+            if postgres:
+                _copy_states(session, "trend_state", new_rows)
+                _update_states_by_copy(session, staged)
+                return
+            _execute_many(session, "state-insert", insert(trend_state), fresh)
+            for rows, cols in ((full, ("state", "live", "generation", "updated_at")),
+                               (live, ("live", "generation", "updated_at"))):
+                if rows:  # one executemany, not a round trip per tractor
+                    _execute_many(session, f"state-update-{len(cols)}", update(trend_state).where(
+                        c.tractor_id == bindparam("key")).values({col: bindparam(col) for col in cols}), rows)
+
+        return write
 
 
 def _dbapi(session: Session) -> Any:
@@ -1421,24 +1465,31 @@ def _create_stage(cur: Any) -> None:
     END $$""")
 
 
-def _update_states_by_copy(session: Session, rows: list[dict[str, Any]]) -> None:
-    """``UPDATE trend_state`` for many rows on PostgreSQL: a binary COPY into a staging table, then one UPDATE.
-
-    Rows carry ``key``, ``live``, ``generation``, ``updated_at`` and maybe ``state`` (absent: keep the stored one).
-    The staging table is temporary (this connection only) and emptied after use, so the rows never outlive the
-    batch's transaction.
-    """
+def _copy_states(session: Session, table: str, rows: list[tuple[Any, ...]]) -> None:
+    """Binary COPY of encoded state rows (key, state JSON or None, live JSON, generation, updated_at)."""
     if not rows:
         return
     with _dbapi(session).cursor() as cur:
-        _create_stage(cur)
-        with cur.copy("COPY trend_state_stage (tractor_id, state, live, generation, updated_at) FROM STDIN"
+        if table == "trend_state_stage":
+            _create_stage(cur)
+        with cur.copy(f"COPY {table} (tractor_id, state, live, generation, updated_at) FROM STDIN"
                       " (FORMAT BINARY)") as copy:
             copy.set_types(["text", "text", "text", "int8", "timestamptz"])  # json's binary form is its text
-            for r in rows:
-                state = r.get("state")
-                copy.write_row((r["key"], None if state is None else encode_state(state), encode_state(r["live"]),
-                                r["generation"], r["updated_at"]))
+            for row in rows:
+                copy.write_row(row)
+
+
+def _update_states_by_copy(session: Session, rows: list[tuple[Any, ...]]) -> None:
+    """``UPDATE trend_state`` for many rows on PostgreSQL: a binary COPY into a staging table, then one UPDATE.
+
+    Rows are (key, state JSON or None to keep the stored one, live JSON, generation, updated_at). The staging
+    table is temporary (this connection only) and emptied after use, so the rows never outlive the batch's
+    transaction.
+    """
+    if not rows:
+        return
+    _copy_states(session, "trend_state_stage", rows)
+    with _dbapi(session).cursor() as cur:
         cur.execute("UPDATE trend_state AS t SET state = coalesce(s.state, t.state), live = s.live,"
                     " generation = s.generation, updated_at = s.updated_at"
                     " FROM trend_state_stage AS s WHERE t.tractor_id = s.tractor_id")
@@ -1594,7 +1645,7 @@ def handler(event: dict[str, Any], context: Context) -> None:
     detector = _detector(load_parts(session), params)
     tids = sorted(frame["tractor_id"].unique().tolist())
     part_keys = {_state_key(p): p for p in frame["partition"].unique().tolist()}
-    store = StateStore(session)
+    store = StateStore(session, context)
     loaded = store.load(tids + list(part_keys))
     states = {t: loaded.get(t) or new_state() for t in tids}
     partitions = {p: loaded.get(k) or {"wm": 0.0, "open": {}} for k, p in part_keys.items()}
@@ -1605,8 +1656,13 @@ def handler(event: dict[str, Any], context: Context) -> None:
         return store.load([tid]).get(tid)
 
     out = detector.process(frame, states, partitions, load_state)
-    _execute_many(session, "windows-insert", insert(trend_windows), out.windows, copy=True)
-    _upsert_health(session, list(out.health.values()))
+    windows, healths = out.windows, list(out.health.values())
+
+    def write_rows(s: Session) -> None:
+        _execute_many(s, "windows-insert", insert(trend_windows), windows, copy=True)
+        _upsert_health(s, healths)
+
+    context.defer(write_rows)
     for alert in out.alerts:
         context.emit(ALERT_TOPIC, alert["tractor_id"], alert)
     # Only closing a window (trends, regression, episodes) or a replacement changes a state's slow part.

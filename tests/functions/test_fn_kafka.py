@@ -315,11 +315,14 @@ def write_functions_file(path: Path, *functions: dict[str, Any]) -> Path:
     return path
 
 
+@pytest.mark.parametrize("handler", ["store_rows", "store_rows_deferred"])
 def test_kill_9_mid_batch_then_restart_leaves_exactly_one_row_per_record(isolated: Settings, pg_db: Any,
-                                                                         tmp_path: Path) -> None:
+                                                                         tmp_path: Path, handler: str) -> None:
     url, engine, sessions = pg_db
-    spec = {"name": "killed", "handler": "functions.examples:store_rows", "source_topics": ["killed"],
-            "batch_size": 50, "maximum_batching_window_s": 0.1, "params": {"table": "rows", "sleep_s": 0.4}}
+    # store_rows_deferred runs pipelined: the kill may hit a batch whose commit is running in the background.
+    spec = {"name": "killed", "handler": f"functions.examples:{handler}", "source_topics": ["killed"],
+            "batch_size": 50, "maximum_batching_window_s": 0.1, "pipelined": handler.endswith("deferred"),
+            "params": {"table": "rows", "sleep_s": 0.4}}
     env = os.environ | {"FLEETWATCH_FUNCTIONS_FILE": str(write_functions_file(tmp_path / "fn.toml", spec)),
                         "FLEETWATCH_DATABASE_URL": url}
     fn = FunctionConfig.model_validate(spec)
@@ -353,6 +356,25 @@ def test_kill_9_mid_batch_then_restart_leaves_exactly_one_row_per_record(isolate
     with engine.connect() as conn:
         total, distinct = conn.execute(text('SELECT count(*), count(DISTINCT (part, "offset")) FROM rows')).one()
     assert (total, distinct) == (1000, 1000)
+
+
+def test_a_pipelined_function_commits_in_the_background_and_a_failed_commit_is_redone_once(
+        isolated: Settings, pg_db: Any) -> None:
+    _, engine, sessions = pg_db
+    examples.WRITERS.clear()
+    examples.COMMIT_FAILED.clear()
+    fn = function("piped", handler="functions.examples:store_rows_deferred", pipelined=True, batch_size=50,
+                  params={"table": "rows", "fail_commit_at": 120})
+    create_topic(isolated, "piped", 2)
+    produce(isolated, "piped", [{"i": i} for i in range(600)])
+    worker = run_worker(isolated, fn, sessions, lambda: committed(sessions, isolated, fn) >= 600)
+    with engine.connect() as conn:
+        total, distinct = conn.execute(text('SELECT count(*), count(DISTINCT (part, "offset")) FROM rows')).one()
+    assert (total, distinct) == (600, 600)  # the failed batch and the one handled meanwhile: redone, once
+    assert examples.COMMIT_FAILED[120] == 1
+    assert "fn-commit" in examples.WRITERS  # writes ran on the background commit thread
+    assert "MainThread" in examples.WRITERS  # the batch whose commit failed was handled again synchronously
+    assert worker.invoker.stats.background_commits >= 600 // 50
 
 
 def group_members(s: Settings, group: str) -> list[list[int]]:

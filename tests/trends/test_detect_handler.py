@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,54 @@ def test_states_are_stored_compressed_with_lz4_on_postgresql(pg_url: str) -> Non
     engine.dispose()
     used = {m for row in methods for m in row if m is not None}  # None: a value too small to compress
     assert used == {"lz4"}
+
+
+@pytest.mark.services
+def test_pipelined_batches_store_what_the_detector_computes_and_keep_using_cached_states(
+        pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import trends.detect as detect
+    from fleetwatch.db import upgrade
+    from functions.config import FunctionConfig
+    from functions.db import make_engine, make_sessions
+    from functions.local import MemorySource, run_local
+
+    upgrade(pg_url)
+    engine = make_engine(pg_url)
+    sessions = make_sessions(engine)
+    records = fleet_records(8, tractors=3)
+    source = MemorySource()
+    for r in records:
+        source.append("telemetry", 0, json.dumps(r["json"]).encode())
+    fn = FunctionConfig.model_validate({"name": "trends-detect", "handler": "trends.detect:handler",
+                                        "source_topics": ["telemetry"], "batch_size": 40, "pipelined": True})
+    write_states = detect._update_states_by_copy
+
+    def slow_write(*args: Any) -> None:  # still writing when the next batch reads the tokens
+        time.sleep(0.2)
+        write_states(*args)
+
+    monkeypatch.setattr(detect, "_update_states_by_copy", slow_write)
+    result = run_local(fn, handler, source, sessions)
+
+    with sessions() as session:
+        det = Detector(load_parts(session, max_age_s=0), Params())
+        rows = session.execute(select(trend_state.c.tractor_id, trend_state.c.state, trend_state.c.live)).all()
+        stored_windows = len(session.execute(select(trend_windows.c.tractor_id)).all())
+    engine.dispose()
+    states: dict[str, Any] = {}
+    partitions: dict[str, Any] = {}
+    windows = 0
+    for a in range(0, len(records), 40):
+        windows += len(det.process(flatten(records[a:a + 40]), states, partitions, states.get).windows)
+    # Every batch after the first was handled while the one before it was still committing in the background,
+    # and its states came from the cache although the rows still held the tokens that commit replaces.
+    batches = -(-len(records) // 40)
+    assert result.invoker.stats.background_commits == batches
+    assert result.invoker.metrics.counters["state_cache_hits"] >= 3 * (batches - 1)
+    assert result.offsets == {("telemetry", 0): len(records)}
+    assert stored_windows == windows > 0
+    stored = {k: {**state, **live} for k, state, live in rows}
+    assert stored == json.loads(json.dumps({**states, "~telemetry-0": partitions["telemetry-0"]}))
 
 
 def _states_match_the_table(url: str) -> None:
