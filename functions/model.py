@@ -311,11 +311,11 @@ class Context:
         self.emitted: list[Emitted] = []
         self._topic = topic
         # Set by the runtime for a pipelined function (FunctionConfig.pipelined): ``defer`` then collects the
-        # writes it runs after the handler, and ``commit_pending`` tells that this worker's previous batch may
-        # still be committing (``wait_for_commit`` waits for it; it raises if that commit failed).
+        # writes it runs after the handler, and ``pending_commit`` is the request id of this worker's previous
+        # batch while it may still be committing (``wait_for_commit`` waits for it; it raises if that failed).
         self.pipelined = False
         self.deferred: list[Callable[[Session], None]] = []
-        self.commit_pending = False
+        self.pending_commit: str | None = None
         self.wait_for_commit: Callable[[], None] = lambda: None
 
     def get_remaining_time_in_millis(self) -> int:

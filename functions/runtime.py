@@ -61,13 +61,14 @@ class _Pipeline:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.emitted = False  # the batch in flight wrote outbox rows (publish once it has committed)
+        self.request_id: str | None = None  # the invocation whose batch is in flight
 
     @property
     def busy(self) -> bool:
         """A batch was handed over and its outcome has not been collected by ``wait`` yet."""
         return self._thread is not None
 
-    def submit(self, job: Callable[[], None], emitted: bool) -> None:
+    def submit(self, job: Callable[[], None], emitted: bool, request_id: str) -> None:
         """Run ``job`` (writes and commit of one batch) in the background; at most one at a time."""
         assert self._thread is None, "wait() for the batch in flight first"
 
@@ -77,16 +78,17 @@ class _Pipeline:
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread by wait()
                 self._error = exc
 
-        self.emitted = emitted
+        self.emitted, self.request_id = emitted, request_id
         self._thread = threading.Thread(target=run, name="fn-commit", daemon=True)
         self._thread.start()
 
     def wait(self) -> bool:
         """Wait for the batch in flight; True when it wrote outbox rows. Raises CommitFailed when it failed."""
-        thread, self._thread = self._thread, None
+        thread = self._thread
         if thread is None:
             return False
-        thread.join()
+        thread.join()  # (a timeout interrupting this leaves the batch in flight, to be awaited again)
+        self._thread = None
         error, self._error = self._error, None
         if error is not None:
             raise CommitFailed(f"background commit failed: {type(error).__name__}: {error}"[:2000]) from error
@@ -441,7 +443,7 @@ class Invoker:
             and session.get_bind().dialect.name == "postgresql" else None
         if pipeline is not None:
             ctx.pipelined = True
-            ctx.commit_pending = pipeline.busy
+            ctx.pending_commit = pipeline.request_id if pipeline.busy else None
             ctx.wait_for_commit = self.drain
         extra = self._window_fields(window, final) if window else None
         started_at, started = datetime.now(UTC), time.monotonic()
@@ -560,7 +562,7 @@ class Invoker:
             finally:
                 session.close()
 
-        pipeline.submit(commit, bool(emitted))
+        pipeline.submit(commit, bool(emitted), ctx.request_id)
         self.stats.background_commits += 1
         for tp, done in extra.items():
             self._parts[tp].done.update(done)

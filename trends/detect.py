@@ -1302,8 +1302,9 @@ def _state_key(name: str) -> str:
 
 LIVE = ("wm", "dd", "open")  # the per-sample part of a tractor's state: ``trend_state.live``, written every batch
 STATE_CACHE_SIZE = Settings().trends_state_cache  # decoded states a worker keeps between batches, per database
-# Per database URL: key → (token written, state, token the row held before that write; None: no row).
-_state_cache: dict[str, OrderedDict[str, tuple[int, dict[str, Any], int | None]]] = {}
+# Per database URL: key → (token written, state, token the row held before that write (None: no row), request id
+# of the invocation that wrote it).
+_state_cache: dict[str, OrderedDict[str, tuple[int, dict[str, Any], int | None, str]]] = {}
 
 
 def _decode(value: Any) -> dict[str, Any] | None:
@@ -1329,36 +1330,38 @@ class StateStore:
         self.stored: set[str] = set()  # keys with a row in the table (or in the previous batch's pending commit)
         self.legacy: set[str] = set()  # rows written before 0003 (everything in ``state``)
         self.current: dict[str, int | None] = {}  # the token each row holds when this batch's writes run
+        self.request_id = context.request_id if context is not None else ""
         self.hits = 0
 
     def load(self, keys: list[str]) -> dict[str, dict[str, Any]]:
         """States of the keys that have a row (cache when current, else one query for the rest).
 
-        While this worker's previous batch may still be committing (a pipelined function), a row still holding
-        the token that batch replaced is current too: its cached state is what that commit writes (and if the
-        commit fails, this batch cannot commit either). A key missing from the cache then waits for that commit
-        before it is read, so no state is read from before it.
+        While this worker's previous batch may still be committing (a pipelined function), a state that batch
+        cached is current too while its row still holds the token that commit replaces (if the commit fails, this
+        batch cannot commit either); states cached by an invocation that failed never are. Any other key waits
+        for that commit before it is read, so no state is read from before it.
         """
         if not keys:
             return {}
         c = trend_state.c
-        pending = self.context is not None and self.context.commit_pending
+        pending = self.context.pending_commit if self.context is not None else None
         tokens = dict(self.session.execute(select(c.tractor_id, c.generation).where(c.tractor_id.in_(keys))).all())
         out: dict[str, dict[str, Any]] = {}
         missing: list[str] = []
         for k in keys:
             hit = self.cache.pop(k, None)
             token = tokens.get(k)
-            if hit is not None and ((token and hit[0] == token) or (pending and token == hit[2])):
+            if hit is not None and ((token and hit[0] == token) or (pending and hit[3] == pending
+                                                                     and token == hit[2])):
                 out[k] = hit[1]
                 self.stored.add(k)
                 self.current[k] = hit[0]
-            elif k in tokens or (pending and hit is not None):
+            elif k in tokens or pending:
                 missing.append(k)
         if missing and pending:
             assert self.context is not None
             self.context.wait_for_commit()
-            self.context.commit_pending = False
+            self.context.pending_commit = None
             tokens = dict(self.session.execute(select(c.tractor_id, c.generation)
                                                .where(c.tractor_id.in_(missing))).all())
             missing = [k for k in missing if k in tokens]
@@ -1408,7 +1411,7 @@ class StateStore:
             else:
                 live.append({"key": k, **row})
             if STATE_CACHE_SIZE > 0:
-                self.cache[k] = (token, st, self.current.get(k))
+                self.cache[k] = (token, st, self.current.get(k), self.request_id)
         self.stored.update(states)
         while len(self.cache) > STATE_CACHE_SIZE:
             self.cache.popitem(last=False)

@@ -48,8 +48,9 @@ def test_states_are_stored_compressed_with_lz4_on_postgresql(pg_url: str) -> Non
 
 
 @pytest.mark.services
+@pytest.mark.parametrize("fail_once", [False, True])
 def test_pipelined_batches_store_what_the_detector_computes_and_keep_using_cached_states(
-        pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        pg_url: str, monkeypatch: pytest.MonkeyPatch, fail_once: bool) -> None:
     import trends.detect as detect
     from fleetwatch.db import upgrade
     from functions.config import FunctionConfig
@@ -72,6 +73,20 @@ def test_pipelined_batches_store_what_the_detector_computes_and_keep_using_cache
         write_states(*args)
 
     monkeypatch.setattr(detect, "_update_states_by_copy", slow_write)
+    if fail_once:
+        # One attempt fails after caching its states, late enough that the batch before it has committed by
+        # then: its retry must not take those states (their samples would count as seen, their windows lost).
+        incr, calls = Metrics.incr, []
+
+        def failing_incr(self: Metrics, name: str, value: float = 1) -> None:
+            if name == "windows_closed":
+                calls.append(name)
+                if len(calls) == 5:
+                    time.sleep(0.5)
+                    raise RuntimeError("the handler failed after saving (test)")
+            incr(self, name, value)
+
+        monkeypatch.setattr(Metrics, "incr", failing_incr)
     result = run_local(fn, handler, source, sessions)
 
     with sessions() as session:
@@ -88,7 +103,8 @@ def test_pipelined_batches_store_what_the_detector_computes_and_keep_using_cache
     # and its states came from the cache although the rows still held the tokens that commit replaces.
     batches = -(-len(records) // 40)
     assert result.invoker.stats.background_commits == batches
-    assert result.invoker.metrics.counters["state_cache_hits"] >= 3 * (batches - 1)
+    assert result.invoker.stats.errors == int(fail_once)
+    assert result.invoker.metrics.counters["state_cache_hits"] >= 3 * (batches - 2 * fail_once - 1)
     assert result.offsets == {("telemetry", 0): len(records)}
     assert stored_windows == windows > 0
     stored = {k: {**state, **live} for k, state, live in rows}
