@@ -91,11 +91,13 @@ def run_ours(s: Settings, topic: str, expected: int, url: str | None = None,
         detect.handler(event, context)
         if not latency:
             return
-        now = time.time()
-        for recs in event["records"].values():
-            for r in recs:
-                ts = r["json"]["samples"][0]["ts"]
-                latencies.append(now - datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp())
+        stamps = [r["json"]["samples"][0]["ts"] for recs in event["records"].values() for r in recs]
+
+        def written(_session: Any) -> None:  # after the batch's trend rows, in its transaction (the commit follows)
+            now = time.time()
+            latencies.extend(now - datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp() for ts in stamps)
+
+        context.defer(written)  # pipelined: runs with the batch's writes in the background, not at handler return
 
     worker.invoker.handler = probe
     tune_gc(s.functions_gc_full_every)  # as `fleetwatch functions run` does in a worker process
