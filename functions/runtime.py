@@ -456,13 +456,9 @@ class Invoker:
                     response = self.handler(build_event(records, extra=extra, runs=partition_runs(records)), ctx)
                 if time.monotonic() - started > self.fn.timeout_s:
                     raise InvocationTimeout(f"invocation exceeded {self.fn.timeout_s:g}s")
-                failed = self._item_failures(response, records)
-                if ctx.deferred and (failed or pipeline is None):  # not handed to the background after all
-                    for write in ctx.deferred:
-                        write(session)  # type: ignore[arg-type]
-                    ctx.deferred.clear()
                 if session is not None:
                     session.flush()  # ORM writes fail here, as the handler's error, not at commit
+                failed = self._item_failures(response, records)
                 new_state = self._new_state(response) if window else None
             except (Exception, InvocationTimeout) as exc:  # noqa: BLE001 - any handler error is an error outcome
                 if isinstance(exc, CommitFailed):  # the previous batch's background commit (wait_for_commit)
@@ -564,11 +560,7 @@ class Invoker:
 
         pipeline.submit(commit, bool(emitted), ctx.request_id)
         self.stats.background_commits += 1
-        for tp, done in extra.items():
-            self._parts[tp].done.update(done)
-        for tp, cursor in cursors.items():
-            self._parts[tp].cursor = cursor
-        self.positions.update(offsets)
+        self._advance(offsets, cursors, extra)
 
     def _commit(self, session: Session | None, records: Sequence[Record], windows: dict[TP, Window | None]) -> None:
         """Checkpoint ``records`` as done (plus window state), atomically with the session's writes."""
@@ -583,16 +575,20 @@ class Invoker:
             if session is not None:
                 session.rollback()
             raise
-        for tp, done in extra.items():
-            self._parts[tp].done.update(done)
-        for tp, cursor in cursors.items():
-            self._parts[tp].cursor = cursor
-        self.positions.update(offsets)
+        self._advance(offsets, cursors, extra)
         for tp, window in windows.items():
             if window is None:
                 self.windows.pop(tp, None)
             else:
                 self.windows[tp] = window
+
+    def _advance(self, offsets: dict[TP, int], cursors: dict[TP, int], extra: dict[TP, set[int]]) -> None:
+        """Move the batch in hand and the positions past a checkpoint (``_frontier``'s result)."""
+        for tp, done in extra.items():
+            self._parts[tp].done.update(done)
+        for tp, cursor in cursors.items():
+            self._parts[tp].cursor = cursor
+        self.positions.update(offsets)
 
     def _frontier(self, records: Sequence[Record]) -> tuple[dict[TP, int], dict[TP, int], dict[TP, set[int]]]:
         """Next offsets once ``records`` are done: each partition moves past its contiguous done prefix.

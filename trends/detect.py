@@ -1425,7 +1425,9 @@ class StateStore:
         def write(session: Session) -> None:
             c = trend_state.c
             if postgres:
-                _copy_states(session, "trend_state", new_rows)
+                if new_rows:
+                    with _dbapi(session).cursor() as cur:
+                        _copy_states(cur, "trend_state", new_rows)
                 _update_states_by_copy(session, staged)
                 return
             _execute_many(session, "state-insert", insert(trend_state), fresh)
@@ -1468,18 +1470,12 @@ def _create_stage(cur: Any) -> None:
     END $$""")
 
 
-def _copy_states(session: Session, table: str, rows: list[tuple[Any, ...]]) -> None:
+def _copy_states(cur: Any, table: str, rows: list[tuple[Any, ...]]) -> None:
     """Binary COPY of encoded state rows (key, state JSON or None, live JSON, generation, updated_at)."""
-    if not rows:
-        return
-    with _dbapi(session).cursor() as cur:
-        if table == "trend_state_stage":
-            _create_stage(cur)
-        with cur.copy(f"COPY {table} (tractor_id, state, live, generation, updated_at) FROM STDIN"
-                      " (FORMAT BINARY)") as copy:
-            copy.set_types(["text", "text", "text", "int8", "timestamptz"])  # json's binary form is its text
-            for row in rows:
-                copy.write_row(row)
+    with cur.copy(f"COPY {table} (tractor_id, state, live, generation, updated_at) FROM STDIN (FORMAT BINARY)") as copy:
+        copy.set_types(["text", "text", "text", "int8", "timestamptz"])  # json's binary form is its text
+        for row in rows:
+            copy.write_row(row)
 
 
 def _update_states_by_copy(session: Session, rows: list[tuple[Any, ...]]) -> None:
@@ -1491,8 +1487,9 @@ def _update_states_by_copy(session: Session, rows: list[tuple[Any, ...]]) -> Non
     """
     if not rows:
         return
-    _copy_states(session, "trend_state_stage", rows)
     with _dbapi(session).cursor() as cur:
+        _create_stage(cur)
+        _copy_states(cur, "trend_state_stage", rows)
         cur.execute("UPDATE trend_state AS t SET state = coalesce(s.state, t.state), live = s.live,"
                     " generation = s.generation, updated_at = s.updated_at"
                     " FROM trend_state_stage AS s WHERE t.tractor_id = s.tractor_id")
