@@ -29,7 +29,17 @@ from sqlalchemy.orm import Session
 
 from fleetwatch.settings import Settings
 from functions.model import Context, json_values
-from trends.maths import Trend, cusum_step, fit_growth, fit_trend, forecast, growth_forecast, health, solve_moments
+from trends.maths import (
+    Trend,
+    cusum_step,
+    fit_growth,
+    fit_trend,
+    fit_trends,
+    forecast,
+    growth_forecast,
+    health,
+    solve_moments,
+)
 from trends.tables import encode_state, part_health, trend_state, trend_windows
 
 ALERT_TOPIC = "wear-alerts"
@@ -384,9 +394,11 @@ class _Closing:
     """The windows a batch closes (accumulator rows in closing order) with their statistics as Python values.
 
     ``rows`` holds each row's columns before the moment block. For the rows of wear signals (``moment_at``: where
-    each signal's block sits) it also holds the block (``moments``, row-major) and its centring terms
-    ``m[i]·m[j] / n_used`` over the block's first row (``centring``): numpy computes them for every row at once,
+    each signal's block sits) it also keeps the block (row-major) and its centring terms ``m[i]·m[j] / n_used`` over
+    the block's first row as arrays, one per block layout (``blocks``): numpy computes them for every row at once,
     with the IEEE operations ``_close_channel`` did one float at a time, so the results are bit for bit the same.
+    ``moments(row)`` and ``centring(row)`` give one row's as Python lists. ``fast`` holds what
+    ``Detector._precompute`` worked out ahead for rows whose channel state is known before the close.
     """
 
     def __init__(self, a: np.ndarray, starts: np.ndarray, sigs: list[str], moment_at: dict[str, list[int]]) -> None:
@@ -400,8 +412,12 @@ class _Closing:
         self.means: list[float] = mean.tolist()
         self.stds: list[float] = std.tolist()
         self.flat = a[:, HI] - a[:, LO] <= 1e-9 * np.maximum(1.0, np.abs(a[:, LO]))  # min = max: maybe stuck
-        self.moments: list[list[float] | None] = [None] * len(sigs)
-        self.centring: list[list[float] | None] = [None] * len(sigs)
+        self.n_used = a[:, N_USED]
+        # Per block layout: (row indices, moment blocks, centring terms); per row: (layout number, position).
+        self.blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.where: dict[int, tuple[int, int]] = {}
+        self.fast: dict[int, tuple[float, bool, list[float] | None]] = {}
+        self.sole: set[int] = set()  # wear-signal rows that are the only closing window of their tractor × signal
         if not len(a):
             return
         by_block: dict[tuple[int, ...], list[int]] = {}
@@ -417,15 +433,35 @@ class _Closing:
             first = m[:, :size]
             with np.errstate(divide="ignore", invalid="ignore"):  # n_used = 0: rows the close never centres
                 centring = (first[:, :, None] * first[:, None, :]).reshape(len(idx), -1) / nu[idx, None]
-            for row, mv, cv in zip(rows, m.tolist(), centring.tolist(), strict=True):
-                self.moments[row] = mv
-                self.centring[row] = cv
+            number = len(self.blocks)
+            self.blocks.append((idx, m, centring))
+            self.where.update((row, (number, pos)) for pos, row in enumerate(rows))
+
+    def moments(self, row: int) -> list[float]:
+        """A wear-signal row's moment block ((k + 2)², row-major over [1, x, y])."""
+        number, pos = self.where[row]
+        return self.blocks[number][1][pos].tolist()
+
+    def centring(self, row: int) -> list[float]:
+        """A wear-signal row's centring terms, laid out as its moment block."""
+        number, pos = self.where[row]
+        return self.blocks[number][2][pos].tolist()
+
+
+def _trend_state(fitted: Trend | None, last_t: float) -> list[Any] | None:
+    """A fitted window trend as a channel state keeps it (with the time of its last point)."""
+    if fitted is None:
+        return None
+    return [fitted.level, fitted.slope, fitted.slope_lo, fitted.slope_hi, fitted.n, fitted.scale, last_t]
 
 
 class Detector:
     """The compute path: batch of samples + per-tractor states → updated states, trend rows, health, alerts."""
 
     close_together = True  # close every tractor's windows in one pass (False: ``_close`` per tractor, the reference)
+    precompute = True  # work out the first closing window per tractor × signal for all at once (False: the reference)
+    batch_fits = True  # fit the window trends of a close together at its end (False: each as its window closes)
+    _fits: list[tuple[dict[str, Any], list[Any], tuple[Any, ...] | None]] | None = None
     bitmap_as_int = True  # dedupe on the bitmap as a Python integer (False: the numpy path, kept as the reference)
 
     def __init__(self, parts: list[Part], params: Params) -> None:
@@ -850,7 +886,13 @@ class Detector:
         idx = np.flatnonzero(closable)
         idx = idx[np.lexsort((keys[idx, 2], keys[idx, 1]))]
         closing = _Closing(acc[idx], keys[idx, 1], [signals[i] for i in keys[idx, 2].tolist()], self._moment_of)
-        self._close_windows(tid, st, closing, 0, len(idx), out)
+        self._precompute(closing, [0] * len(idx), [st])
+        self._fits = [] if self.batch_fits else None
+        try:
+            self._close_windows(tid, st, closing, 0, len(idx), out)
+            self._flush_fits(out)
+        finally:
+            self._fits = None
 
     def _keep_open(self, tid: str, st: dict[str, Any], w: list[Any], sigs: list[str], kept: np.ndarray) -> None:
         """Store the windows still open (none: ``open`` = None), remembering their decoded accumulators."""
@@ -874,8 +916,7 @@ class Detector:
                  "slope_lo": None, "slope_hi": None, "quality_flags": ""}
             ch = self.channels.get(sig)
             if ch is not None:
-                self._close_channel(tid, st, ch, w, rows[row], c.moments[row], c.centring[row], r, out,
-                                    self._frozen(ch, w, stuck))
+                self._close_channel(tid, st, ch, w, rows[row], c, row, r, out, self._frozen(ch, w, stuck))
             out.windows.append(r)
 
     def _stuck_windows(self, st: dict[str, Any], c: _Closing, lo: int, hi: int) -> set[tuple[int, str]]:
@@ -923,23 +964,105 @@ class Detector:
         kept_w = keys[rest, 1].tolist()
         kept_sig = [signals[i] for i in keys[rest, 2].tolist()]
         closing = _Closing(acc[shut], keys[shut, 1], [signals[i] for i in keys[shut, 2].tolist()], self._moment_of)
-        for code, tid in enumerate(tids):
-            st = states[tid]
-            lo, hi = rest_at[code], rest_at[code + 1]
-            self._keep_open(tid, st, kept_w[lo:hi], kept_sig[lo:hi], kept_acc[lo:hi].copy())
-            self._close_windows(tid, st, closing, shut_at[code], shut_at[code + 1], out)
+        self._precompute(closing, codes[shut].tolist(), [states[t] for t in tids])
+        self._fits = [] if self.batch_fits else None
+        try:
+            for code, tid in enumerate(tids):
+                st = states[tid]
+                lo, hi = rest_at[code], rest_at[code + 1]
+                self._keep_open(tid, st, kept_w[lo:hi], kept_sig[lo:hi], kept_acc[lo:hi].copy())
+                self._close_windows(tid, st, closing, shut_at[code], shut_at[code + 1], out)
+            self._flush_fits(out)
+        finally:
+            self._fits = None
 
-    def _close_channel(self, tid: str, st: dict[str, Any], ch: Channel, w: int, a: list[float], m: list[float],
-                       centring: list[float], r: dict[str, Any], out: Outputs, stuck: bool = False) -> None:
+    def _precompute(self, c: _Closing, codes: list[int], sts: list[dict[str, Any]]) -> None:
+        """Level, noise verdict and new condition moments of closing wear-signal windows, numpy across tractors.
+
+        Only for the first closing window of each tractor × signal (``codes``: each row's index into ``sts``, the
+        tractors' states): its channel state is the one before the close, as ``_close_channel`` will find it. The
+        arithmetic is ``_close_channel``'s, operation for operation (``_level_and_spread``'s term order, Python's
+        ``max``), so every float is the same; ``c.fast`` gets (level, noisy, moments) per row with n_used ≥ 1.
+        ``c.sole`` gets the rows that are the only closing window of their tractor × signal (``batch_fits``).
+        """
+        for idx, _, _ in c.blocks:
+            first: dict[tuple[int, str], int] = {}
+            for row in idx.tolist():
+                key = (codes[row], c.sigs[row])
+                first[key] = -1 if key in first else row
+            c.sole.update(row for row in first.values() if row >= 0)
+        if not self.precompute:
+            return
+        for idx, m, centring in c.blocks:
+            size = math.isqrt(m.shape[1])
+            k = size - 2
+            seen: set[tuple[int, str]] = set()
+            picked: list[int] = []
+            olds: list[list[float]] = []
+            betas: list[list[float]] = []
+            sigmas: list[float] = []
+            zeros_s, zeros_b = [0.0] * (size * size), [0.0] * k
+            nus = c.n_used
+            for pos, row in enumerate(idx.tolist()):
+                key = (codes[row], c.sigs[row])
+                if key in seen:
+                    continue
+                seen.add(key)
+                if nus[row] < 1:
+                    continue
+                cs = sts[key[0]]["sig"].get(key[1])
+                if cs is None:
+                    old, beta, sigma = zeros_s, zeros_b, 0.0
+                else:
+                    old = cs["S"] or zeros_s
+                    beta = cs["beta"] if cs["beta"] is not None else zeros_b
+                    sigma = cs["sigma"]
+                    if len(old) != size * size or len(beta) != k:  # a changed catalog: leave it to the close
+                        continue
+                picked.append(pos)
+                olds.append(old)
+                betas.append(beta)
+                sigmas.append(sigma)
+            if not picked:
+                continue
+            at = np.asarray(picked, dtype=np.int64)
+            mm, cc, nu = m[at], centring[at], nus[idx[at]]
+            b = np.asarray(betas, dtype=np.float64).reshape(len(at), k)
+            sigma_a = np.asarray(sigmas, dtype=np.float64)
+            level = np.zeros(len(at))
+            for j in range(k):
+                level = level + b[:, j] * mm[:, 1 + j]
+            level = mm[:, k + 1] - level
+            v = [np.zeros(len(at)), *(-b[:, j] for j in range(k)), np.ones(len(at))]
+            spread = np.zeros(len(at))
+            for i in range(1, k + 2):
+                for j in range(1, k + 2):
+                    spread = spread + v[i] * v[j] * mm[:, i * size + j]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                u = level / nu
+                var = spread / nu - u * u
+                var = np.where(0.0 > var, 0.0, var)  # Python's max(var, 0.0), NaN and -0.0 included
+                noisy = (nu >= 3) & (sigma_a > 0) & (np.sqrt(var) > self.params.noisy_ratio * sigma_a)
+                old_a = np.asarray(olds, dtype=np.float64)
+                new_s = self.decay * old_a + mm - cc
+                new_s[:, 0] = self.decay * old_a[:, 0] + nu
+            rows = idx[at].tolist()
+            for row, ur, nz, ns in zip(rows, u.tolist(), noisy.tolist(), new_s.tolist(), strict=True):
+                c.fast[row] = (ur, nz, None if nz else ns)
+
+    def _close_channel(self, tid: str, st: dict[str, Any], ch: Channel, w: int, a: list[float], c: _Closing,
+                       row: int, r: dict[str, Any], out: Outputs, stuck: bool = False) -> None:
         """Normalise one closed window of a wear signal, update its trend and change detector, assess its parts.
 
-        ``a``: the window's accumulator columns before the moment block; ``m``, ``centring``: its moment block
-        and centring terms (``_Closing``).
+        ``a``: the window's accumulator columns before the moment block; ``c``, ``row``: where its moment block
+        and centring terms are (``_Closing``), with what ``_precompute`` worked out ahead for it, if anything.
         """
         p = self.params
-        cs = st["sig"].setdefault(ch.signal, {"S": None, "beta": None, "sigma": 0.0, "level": None, "hist": [],
-                                               "base": None, "trend": None, "cp": 0.0, "cn": 0.0, "rej": 0,
-                                               "since": 0, "refit": 0})
+        cs = st["sig"].get(ch.signal)
+        if cs is None:
+            cs = st["sig"][ch.signal] = {"S": None, "beta": None, "sigma": 0.0, "level": None, "hist": [],
+                                         "base": None, "trend": None, "cp": 0.0, "cn": 0.0, "rej": 0, "since": 0,
+                                         "refit": 0}
         flags: list[str] = []
         nu = a[N_USED]
         k = ch.k
@@ -952,26 +1075,36 @@ class Detector:
             cs["rejv"] = []
             # Plain floats: a window's moment block is at most 4 × 4, numpy calls would cost more than the maths.
             size = k + 2
-            beta = cs["beta"] if cs["beta"] is not None else [0.0] * k
-            u, vmv = _level_and_spread(m, beta, k)
-            u /= nu
-            resid_var = max(vmv / nu - u * u, 0.0)
-            if nu >= 3 and cs["sigma"] > 0 and math.sqrt(resid_var) > p.noisy_ratio * cs["sigma"]:
+            ahead = c.fast.get(row)
+            m: list[float] | None = None
+            new_s: list[float] | None = None
+            if ahead is not None:
+                u, noisy, new_s = ahead
+            else:
+                m = c.moments(row)
+                beta = cs["beta"] if cs["beta"] is not None else [0.0] * k
+                u, vmv = _level_and_spread(m, beta, k)
+                u /= nu
+                resid_var = max(vmv / nu - u * u, 0.0)
+                noisy = nu >= 3 and cs["sigma"] > 0 and math.sqrt(resid_var) > p.noisy_ratio * cs["sigma"]
+            if noisy:
                 flags.append("noisy")
             else:
                 # Pool only the scatter *within* windows: wear moves the level between windows, not inside one,
                 # so the condition effects are learnt free of the wear trend.
-                old = cs["S"] or [0.0] * (size * size)
-                decay = self.decay
-                new_s = [decay * o + x - c for o, x, c in zip(old, m, centring, strict=True)]
-                new_s[0] = decay * old[0] + nu
+                if new_s is None:
+                    old = cs["S"] or [0.0] * (size * size)
+                    decay = self.decay
+                    new_s = [decay * o + x - cc for o, x, cc in zip(old, m or c.moments(row), c.centring(row),
+                                                                    strict=True)]
+                    new_s[0] = decay * old[0] + nu
                 cs["S"] = new_s
                 cs["refit"] += 1
                 if cs["beta"] is None or cs["refit"] >= p.refit_windows:
                     fit = solve_moments(new_s, size, self.scales_sq[ch.signal], 1e-5)
                     if fit is not None:
                         cs["beta"], cs["sigma"], cs["refit"] = fit[0][1:], fit[1], 0
-                        u = _level_and_spread(m, cs["beta"], k, spread=False)[0] / nu
+                        u = _level_and_spread(m or c.moments(row), cs["beta"], k, spread=False)[0] / nu
                 if new_s[0] >= p.min_samples:
                     norm = ch.untransform(u)
                 cs["level"] = u
@@ -1008,7 +1141,7 @@ class Detector:
         if norm is not None:
             r["norm_value"] = norm
             if "sparse" not in flags:
-                self._update_trend(tid, st, cs, ch, t_h, norm, w, flags, r, out)
+                self._update_trend(tid, st, cs, ch, t_h, norm, w, flags, r, out, defer=row in c.sole)
         r["quality_flags"] = ",".join(flags)
 
     def _within_gate(self, ch: Channel, cs: dict[str, Any], u: float) -> bool:
@@ -1043,8 +1176,13 @@ class Detector:
         cs["ok"] = {}
 
     def _update_trend(self, tid: str, st: dict[str, Any], cs: dict[str, Any], ch: Channel, t_h: float, norm: float,
-                      w: int, flags: list[str], r: dict[str, Any], out: Outputs) -> None:
-        """Window-level trend (change detection, held steps) and day-level trend (slope, forecast)."""
+                      w: int, flags: list[str], r: dict[str, Any], out: Outputs, defer: bool = False) -> None:
+        """Window-level trend (change detection, held steps) and day-level trend (slope, forecast).
+
+        ``defer``: this is the only window of its tractor × signal closing now, so while a close collects fits
+        (``_fits``) the window trend may be fitted with the others' at the end of the close (``_flush_fits``),
+        what follows from it (``_judge``) then too.
+        """
         p = self.params
         span = max(abs(q.nominal - q.failure) for q in ch.parts)
         if cs["trend"] is not None and cs["base"] is not None:
@@ -1084,12 +1222,12 @@ class Detector:
             cs["base"] = statistics.median([v for _, v in days])
         cs["since"] = cs.get("since", 0) + 1
         window_fit = len(hist) >= p.min_windows_after_change and (cs["since"] >= p.refit_windows or day_closed)
+        deferred = window_fit and defer and self._fits is not None
         if window_fit:
             cs["since"] = 0
-            arr = np.asarray(hist, dtype=np.float64)
-            fitted = fit_trend(arr[:, 0], arr[:, 1])
-            cs["trend"] = None if fitted is None else [fitted.level, fitted.slope, fitted.slope_lo, fitted.slope_hi,
-                                                       fitted.n, fitted.scale, float(arr[-1, 0])]
+            if not deferred:
+                arr = np.asarray(hist, dtype=np.float64)
+                cs["trend"] = _trend_state(fit_trend(arr[:, 0], arr[:, 1]), float(arr[-1, 0]))
         if day_closed and len(days) >= p.min_days:
             darr = np.asarray(days, dtype=np.float64)
             dfit = fit_trend(darr[:, 0], darr[:, 1])
@@ -1099,8 +1237,32 @@ class Detector:
                                                       dfit.scale, float(darr[-1, 0])]
             cs["rtrend"] = None if recent is None else [recent.level, recent.slope, recent.slope_lo, recent.slope_hi,
                                                         recent.n, recent.scale, float(darr[-1, 0])]
-        if cs["base"] is None or not (window_fit or day_closed):
-            return
+        judge = cs["base"] is not None and (window_fit or day_closed)
+        if deferred:
+            assert self._fits is not None
+            self._fits.append((cs, hist, (tid, st, cs, ch, day_closed, w, r) if judge else None))
+        elif judge:
+            self._judge(tid, st, cs, ch, day_closed, w, r, out)
+
+    def _flush_fits(self, out: Outputs) -> None:
+        """Fit the window trends ``_update_trend`` deferred (numpy across tractors), then judge them in order."""
+        fits, self._fits = self._fits or [], None
+        by_length: dict[int, list[int]] = {}
+        for i, (_, hist, _) in enumerate(fits):
+            by_length.setdefault(len(hist), []).append(i)
+        for at in by_length.values():
+            arr = np.array([fits[i][1] for i in at], dtype=np.float64)
+            fitted = fit_trends(arr[:, :, 0], arr[:, :, 1])
+            for i, f, last in zip(at, fitted, arr[:, -1, 0].tolist(), strict=True):
+                fits[i][0]["trend"] = _trend_state(f, last)
+        for _, _, judge in fits:
+            if judge is not None:
+                self._judge(*judge, out)
+
+    def _judge(self, tid: str, st: dict[str, Any], cs: dict[str, Any], ch: Channel, day_closed: bool, w: int,
+               r: dict[str, Any], out: Outputs) -> None:
+        """The window row's trend columns and the assessment of the channel's parts, from its fitted trends."""
+        p = self.params
         trend = Trend(*cs["trend"][:4], int(cs["trend"][4]), cs["trend"][5]) if cs["trend"] else None
         dtrend = Trend(*cs["dtrend"][:4], int(cs["dtrend"][4]), cs["dtrend"][5]) if cs.get("dtrend") else None
         shown = dtrend or trend

@@ -144,3 +144,48 @@ def test_trend_rows_copied_into_postgresql_read_back_as_inserted_ones(pg_url: st
     by_insert = [dict(r) for r in got if not r["tractor_id"].startswith("COPY-")]
     assert len(by_copy) == 50
     assert json.dumps(by_copy, default=str) == json.dumps(by_insert, default=str)
+
+
+@pytest.mark.parametrize("batch", [40, 300])
+def test_working_out_first_windows_and_trend_fits_for_all_tractors_at_once_gives_the_window_by_window_close(
+        batch: int) -> None:
+    # A wearing pump (alerts), a calibration step (rejected windows, a change), a noise burst (noisy windows);
+    # batches of 300 close several windows of one tractor at once (only a tractor × signal's first is worked
+    # out ahead, and only one closing alone has its trend fitted with the others').
+    def level(i: int, t: float) -> float:
+        return 320.0 - 170.0 * max(0.0, (t - 5) / 30) if i == 0 else 320.0
+
+    records = fleet_records(30, tractors=4, level=level, offset=(2, 8, 150.0))
+    rng = np.random.default_rng(11)
+    for rec in records[4 * 40 * 12:4 * 40 * 13]:  # day 12: tractor 4's sensor scatters widely
+        doc = rec["json"]
+        if doc["tractor_id"] == "T00004":
+            doc["samples"][0]["readings"]["oil_pressure_kpa"] += round(float(rng.normal(0, 25.0)), 1)
+    ahead, plain = Detector([OIL_PUMP], Params()), Detector([OIL_PUMP], Params())
+    plain.precompute = plain.batch_fits = False
+    worked_out: list[int] = []
+    batched: list[int] = []
+    precompute, flush = Detector._precompute, Detector._flush_fits
+
+    def counting(self: Detector, c: Any, codes: list[int], sts: list[dict[str, Any]]) -> None:
+        precompute(self, c, codes, sts)
+        worked_out.append(len(c.fast))
+
+    def counting_fits(self: Detector, out: Outputs) -> None:
+        batched.append(len(self._fits or []))
+        flush(self, out)
+
+    Detector._precompute = counting  # type: ignore[method-assign]
+    Detector._flush_fits = counting_fits  # type: ignore[method-assign]
+    try:
+        got = _run_batches(ahead, records, batch)
+    finally:
+        Detector._precompute = precompute  # type: ignore[method-assign]
+        Detector._flush_fits = flush  # type: ignore[method-assign]
+    want = _run_batches(plain, records, batch)
+    flags = {f for w in got[1] for f in w["quality_flags"].split(",") if f}
+    assert {"noisy", "rejected", "change"} <= flags and got[2]
+    wear = sum(w["signal"] == OIL_PUMP.signal for w in got[1])
+    assert sum(worked_out) > wear // 2  # most wear-signal windows took the worked-out path
+    assert sum(batched) > wear // 8  # a trend is refitted every 4 windows (or at a day's end)
+    assert got == want

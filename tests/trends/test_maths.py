@@ -152,3 +152,21 @@ def test_growth_fit_ignores_points_near_zero_and_needs_three() -> None:
     assert fit_growth(t, np.array([0.0, 0.01, -0.02, 0.3, 0.4])) is None  # two points above the floor
     flat = fit_growth(np.arange(8, dtype=float), np.full(8, 0.4) + np.tile([0.01, -0.01], 4))
     assert flat is not None and flat.slope_lo < 0 < flat.slope_hi  # no growth: the interval straddles zero
+
+
+def test_fitting_many_series_at_once_gives_each_series_own_fit() -> None:
+    from trends.maths import fit_trends
+
+    rng = np.random.default_rng(5)
+    for n in (2, 3, 5, 6, 7, 8, 17, 24, 48):
+        t = np.round(np.sort(rng.uniform(0, 500, (12, n)), axis=1), 4)
+        y = 300 + rng.normal(0, 2, (12, n)) + 0.3 * t
+        t[1, 1] = t[1, 0]  # two windows at one time
+        y[2] = 320.0  # flat: zero robust scale
+        y[3, n // 2] = np.nan
+        t[4] = 7.0  # every point at one time: no fit
+        y[5] = 300 + 10 * np.sin(t[5] / 60)  # residuals that wander together (the interval widens)
+        want = [fit_trend(t[r], y[r]) for r in range(12)]
+        assert repr(fit_trends(t, y)) == repr(want)  # repr: NaN compares equal to NaN, -0.0 differs from 0.0
+        if n >= 3:
+            assert sum(f is not None for f in want) >= 8
