@@ -886,7 +886,7 @@ class Detector:
         idx = np.flatnonzero(closable)
         idx = idx[np.lexsort((keys[idx, 2], keys[idx, 1]))]
         closing = _Closing(acc[idx], keys[idx, 1], [signals[i] for i in keys[idx, 2].tolist()], self._moment_of)
-        self._precompute(closing, [0] * len(idx), [st])
+        self._precompute(closing, np.zeros(len(idx), dtype=np.int64), keys[idx, 2], [st])
         self._fits = [] if self.batch_fits else None
         try:
             self._close_windows(tid, st, closing, 0, len(idx), out)
@@ -964,7 +964,7 @@ class Detector:
         kept_w = keys[rest, 1].tolist()
         kept_sig = [signals[i] for i in keys[rest, 2].tolist()]
         closing = _Closing(acc[shut], keys[shut, 1], [signals[i] for i in keys[shut, 2].tolist()], self._moment_of)
-        self._precompute(closing, codes[shut].tolist(), [states[t] for t in tids])
+        self._precompute(closing, codes[shut], keys[shut, 2], [states[t] for t in tids])
         self._fits = [] if self.batch_fits else None
         try:
             for code, tid in enumerate(tids):
@@ -976,41 +976,36 @@ class Detector:
         finally:
             self._fits = None
 
-    def _precompute(self, c: _Closing, codes: list[int], sts: list[dict[str, Any]]) -> None:
+    def _precompute(self, c: _Closing, codes: np.ndarray, sig_codes: np.ndarray, sts: list[dict[str, Any]]) -> None:
         """Level, noise verdict and new condition moments of closing wear-signal windows, numpy across tractors.
 
         Only for the first closing window of each tractor × signal (``codes``: each row's index into ``sts``, the
-        tractors' states): its channel state is the one before the close, as ``_close_channel`` will find it. The
-        arithmetic is ``_close_channel``'s, operation for operation (``_level_and_spread``'s term order, Python's
-        ``max``), so every float is the same; ``c.fast`` gets (level, noisy, moments) per row with n_used ≥ 1.
-        ``c.sole`` gets the rows that are the only closing window of their tractor × signal (``batch_fits``).
+        tractors' states; ``sig_codes``: its signal's number): its channel state is the one before the close, as
+        ``_close_channel`` will find it. The arithmetic is ``_close_channel``'s, operation for operation
+        (``_level_and_spread``'s term order, Python's ``max``), so every float is the same; ``c.fast`` gets (level,
+        noisy, moments) per row with n_used ≥ 1. ``c.sole`` gets the rows that are the only closing window of
+        their tractor × signal (``batch_fits``).
         """
-        for idx, _, _ in c.blocks:
-            first: dict[tuple[int, str], int] = {}
-            for row in idx.tolist():
-                key = (codes[row], c.sigs[row])
-                first[key] = -1 if key in first else row
-            c.sole.update(row for row in first.values() if row >= 0)
+        firsts = []
+        for idx, _, _ in c.blocks:  # rows in closing order: a key's first row is its earliest window
+            _, first, count = np.unique(codes[idx] * (int(sig_codes.max()) + 1) + sig_codes[idx], return_index=True,
+                                        return_counts=True)
+            c.sole.update(idx[first[count == 1]].tolist())
+            firsts.append(first)
         if not self.precompute:
             return
-        for idx, m, centring in c.blocks:
+        nus = c.n_used
+        for (idx, m, centring), first in zip(c.blocks, firsts, strict=True):
             size = math.isqrt(m.shape[1])
             k = size - 2
-            seen: set[tuple[int, str]] = set()
             picked: list[int] = []
             olds: list[list[float]] = []
             betas: list[list[float]] = []
             sigmas: list[float] = []
             zeros_s, zeros_b = [0.0] * (size * size), [0.0] * k
-            nus = c.n_used
-            for pos, row in enumerate(idx.tolist()):
-                key = (codes[row], c.sigs[row])
-                if key in seen:
-                    continue
-                seen.add(key)
-                if nus[row] < 1:
-                    continue
-                cs = sts[key[0]]["sig"].get(key[1])
+            first = first[nus[idx[first]] >= 1]
+            for pos, row, code in zip(first.tolist(), idx[first].tolist(), codes[idx[first]].tolist(), strict=True):
+                cs = sts[code]["sig"].get(c.sigs[row])
                 if cs is None:
                     old, beta, sigma = zeros_s, zeros_b, 0.0
                 else:
