@@ -167,8 +167,8 @@ def test_working_out_first_windows_and_trend_fits_for_all_tractors_at_once_gives
     batched: list[int] = []
     precompute, flush = Detector._precompute, Detector._flush_fits
 
-    def counting(self: Detector, c: Any, codes: list[int], sts: list[dict[str, Any]]) -> None:
-        precompute(self, c, codes, sts)
+    def counting(self: Detector, c: Any, codes: np.ndarray, sig_codes: np.ndarray, sts: list[dict[str, Any]]) -> None:
+        precompute(self, c, codes, sig_codes, sts)
         worked_out.append(len(c.fast))
 
     def counting_fits(self: Detector, out: Outputs) -> None:
