@@ -39,6 +39,7 @@ from trends.maths import (
     growth_forecast,
     health,
     solve_moments,
+    solve_moments_many,
 )
 from trends.tables import encode_state, part_health, trend_state, trend_windows
 
@@ -416,7 +417,7 @@ class _Closing:
         # Per block layout: (row indices, moment blocks, centring terms); per row: (layout number, position).
         self.blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.where: dict[int, tuple[int, int]] = {}
-        self.fast: dict[int, tuple[float, bool, list[float] | None]] = {}
+        self.fast: dict[int, tuple[float, bool, list[float] | None, tuple[Any, float | None] | None]] = {}
         self.sole: set[int] = set()  # wear-signal rows that are the only closing window of their tractor × signal
         if not len(a):
             return
@@ -485,6 +486,8 @@ class Detector:
         # Nominal → failure distance of each channel in regression space (the widest of its parts).
         self.spans = {sig: max(abs(ch.transform(p.nominal) - ch.transform(p.failure)) for p in ch.parts)
                       for sig, ch in self.channels.items()}
+        # …and in signal units (the CUSUM's floor).
+        self.part_spans = {sig: max(abs(p.nominal - p.failure) for p in ch.parts) for sig, ch in self.channels.items()}
 
     # -------------------------------------------------------------- ingest
     def _seen(self, st: dict[str, Any]) -> tuple[int | None, np.ndarray]:
@@ -1002,14 +1005,17 @@ class Detector:
             olds: list[list[float]] = []
             betas: list[list[float]] = []
             sigmas: list[float] = []
+            refits: list[bool] = []  # the close will re-solve the condition regression (no beta yet, or it is due)
             zeros_s, zeros_b = [0.0] * (size * size), [0.0] * k
+            due = self.params.refit_windows - 1
             first = first[nus[idx[first]] >= 1]
             for pos, row, code in zip(first.tolist(), idx[first].tolist(), codes[idx[first]].tolist(), strict=True):
                 cs = sts[code]["sig"].get(c.sigs[row])
                 if cs is None:
-                    old, beta, sigma = zeros_s, zeros_b, 0.0
+                    old, beta, sigma, refit = zeros_s, zeros_b, 0.0, True
                 else:
                     old = cs["S"] or zeros_s
+                    refit = cs["beta"] is None or cs["refit"] >= due
                     beta = cs["beta"] if cs["beta"] is not None else zeros_b
                     sigma = cs["sigma"]
                     if len(old) != size * size or len(beta) != k:  # a changed catalog: leave it to the close
@@ -1018,6 +1024,7 @@ class Detector:
                 olds.append(old)
                 betas.append(beta)
                 sigmas.append(sigma)
+                refits.append(refit)
             if not picked:
                 continue
             at = np.asarray(picked, dtype=np.int64)
@@ -1033,7 +1040,7 @@ class Detector:
             for i in range(1, k + 2):
                 for j in range(1, k + 2):
                     spread = spread + v[i] * v[j] * mm[:, i * size + j]
-            with np.errstate(divide="ignore", invalid="ignore"):
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
                 u = level / nu
                 var = spread / nu - u * u
                 var = np.where(0.0 > var, 0.0, var)  # Python's max(var, 0.0), NaN and -0.0 included
@@ -1041,9 +1048,26 @@ class Detector:
                 old_a = np.asarray(olds, dtype=np.float64)
                 new_s = self.decay * old_a + mm - cc
                 new_s[:, 0] = self.decay * old_a[:, 0] + nu
+            # The regression re-solved where the close will (its beta moves the window's level too).
+            solve = np.flatnonzero(np.asarray(refits, dtype=bool) & ~noisy & np.isfinite(new_s).all(axis=1))
+            refitted: dict[int, tuple[tuple[list[float], float] | None, float | None]] = {}
+            by_signal: dict[str, list[int]] = {}  # a block's signals share its shape, not their scales
+            for i in solve.tolist():
+                by_signal.setdefault(c.sigs[int(idx[at[i]])], []).append(i)
+            for sig, group in by_signal.items():
+                these = np.asarray(group, dtype=np.int64)
+                coef, sig_a, solved = solve_moments_many(new_s[these], size, self.scales_sq[sig], 1e-5)
+                shifted = np.zeros(len(these))
+                for j in range(k):
+                    shifted = shifted + coef[:, 1 + j] * mm[these, 1 + j]
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    u_after = (mm[these, k + 1] - shifted) / nu[these]
+                for i, ok, cf, sg, ua in zip(group, solved.tolist(), coef.tolist(), sig_a.tolist(), u_after.tolist(),
+                                             strict=True):
+                    refitted[i] = ((cf, sg), ua) if ok else (None, None)
             rows = idx[at].tolist()
-            for row, ur, nz, ns in zip(rows, u.tolist(), noisy.tolist(), new_s.tolist(), strict=True):
-                c.fast[row] = (ur, nz, None if nz else ns)
+            for i, (row, ur, nz, ns) in enumerate(zip(rows, u.tolist(), noisy.tolist(), new_s.tolist(), strict=True)):
+                c.fast[row] = (ur, nz, None if nz else ns, refitted.get(i))
 
     def _close_channel(self, tid: str, st: dict[str, Any], ch: Channel, w: int, a: list[float], c: _Closing,
                        row: int, r: dict[str, Any], out: Outputs, stuck: bool = False) -> None:
@@ -1073,8 +1097,9 @@ class Detector:
             ahead = c.fast.get(row)
             m: list[float] | None = None
             new_s: list[float] | None = None
+            refit: tuple[Any, float | None] | None = None
             if ahead is not None:
-                u, noisy, new_s = ahead
+                u, noisy, new_s, refit = ahead
             else:
                 m = c.moments(row)
                 beta = cs["beta"] if cs["beta"] is not None else [0.0] * k
@@ -1096,10 +1121,11 @@ class Detector:
                 cs["S"] = new_s
                 cs["refit"] += 1
                 if cs["beta"] is None or cs["refit"] >= p.refit_windows:
-                    fit = solve_moments(new_s, size, self.scales_sq[ch.signal], 1e-5)
+                    fit, u_after = refit or (solve_moments(new_s, size, self.scales_sq[ch.signal], 1e-5), None)
                     if fit is not None:
                         cs["beta"], cs["sigma"], cs["refit"] = fit[0][1:], fit[1], 0
-                        u = _level_and_spread(m or c.moments(row), cs["beta"], k, spread=False)[0] / nu
+                        u = u_after if u_after is not None else _level_and_spread(
+                            m or c.moments(row), cs["beta"], k, spread=False)[0] / nu
                 if new_s[0] >= p.min_samples:
                     norm = ch.untransform(u)
                 cs["level"] = u
@@ -1179,7 +1205,7 @@ class Detector:
         what follows from it (``_judge``) then too.
         """
         p = self.params
-        span = max(abs(q.nominal - q.failure) for q in ch.parts)
+        span = self.part_spans[ch.signal]
         if cs["trend"] is not None and cs["base"] is not None:
             # (Before the baseline is learnt there is nothing to shift from: early steps are part of the baseline.)
             lvl, slope, _, _, _, scale, t_fit = cs["trend"]

@@ -252,6 +252,56 @@ def solve_moments(s: list[float], size: int, scales_sq: list[float], ridge: floa
     return coef, math.sqrt(max(sse, 0.0) / max(n - k - 1, 1.0))
 
 
+def solve_moments_many(s: np.ndarray, size: int, scales_sq: list[float], ridge: float
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``solve_moments`` for each row of a (systems × size²) matrix, numpy across the systems.
+
+    Returns (coefficients, sigmas, solved): row i's result is ``(coefficients[i].tolist(), sigmas[i])`` where
+    ``solved[i]``, None otherwise (too few samples, singular). The elimination is ``solve_moments``'s, operation for
+    operation and with the same pivots, so the floats are the same. Rows must be finite: ``solve_moments``'s pivot
+    search treats a NaN its own way, so such rows go through it instead.
+    """
+    k = size - 2
+    q = k + 1
+    count = len(s)
+    n = s[:, 0]
+    solved = n >= k + 3
+    a = s.reshape(count, size, size)[:, :q, :].copy()
+    for i in range(1, q):
+        a[:, i, i] = a[:, i, i] + ridge * n * scales_sq[i - 1]
+    every = np.arange(count)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for col in range(q):
+            pivot = col + np.argmax(np.abs(a[:, col:, col]), axis=1)  # the first largest, as the strict > scan
+            solved &= np.abs(a[every, pivot, col]) != 0.0
+            swap = every[pivot != col]
+            if len(swap):
+                held = a[swap, col].copy()
+                a[swap, col] = a[swap, pivot[swap]]
+                a[swap, pivot[swap]] = held
+            top = a[:, col]
+            for r in range(col + 1, q):
+                f = a[:, r, col] / top[:, col]
+                nonzero = f != 0
+                for j in range(col + 1, size):
+                    a[:, r, j] = np.where(nonzero, a[:, r, j] - f * top[:, j], a[:, r, j])
+        coef = np.zeros((count, q))
+        for i in range(q - 1, -1, -1):
+            acc = a[:, i, q]
+            for j in range(i + 1, q):
+                acc = acc - a[:, i, j] * coef[:, j]
+            coef[:, i] = acc / a[:, i, i]
+        sse = s[:, q * size + q]
+        for i in range(q):
+            ci = coef[:, i]
+            sse = sse - 2.0 * ci * s[:, i * size + q]
+            for j in range(q):
+                sse = sse + ci * coef[:, j] * s[:, i * size + j]
+        dof = n - k - 1
+        sigma = np.sqrt(np.where(0.0 > sse, 0.0, sse) / np.where(1.0 > dof, 1.0, dof))  # Python's max()s
+    return coef, sigma, solved
+
+
 @dataclass(frozen=True)
 class Forecast:
     """Hours until the level crosses the failure threshold: expected and a 95 % range (None = not heading there)."""

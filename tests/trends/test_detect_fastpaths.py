@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import insert, select
 
 from tests.trends.test_detect import OIL_PUMP, fleet_records
-from trends.detect import Detector, Outputs, Params, _execute_many, flatten
+from trends.detect import Detector, Outputs, Params, Part, _execute_many, flatten
 from trends.tables import trend_state, trend_windows
 
 
@@ -188,4 +188,22 @@ def test_working_out_first_windows_and_trend_fits_for_all_tractors_at_once_gives
     wear = sum(w["signal"] == OIL_PUMP.signal for w in got[1])
     assert sum(worked_out) > wear // 2  # most wear-signal windows took the worked-out path
     assert sum(batched) > wear // 8  # a trend is refitted every 4 windows (or at a day's end)
+    assert got == want
+
+
+def test_the_worked_out_close_of_every_catalog_signal_gives_the_window_by_window_close() -> None:
+    # The shipped catalog: channels of one shape but their own covariate scales, all closing in one pass.
+    from types import SimpleNamespace
+
+    from bench.common import fleet_messages
+    from fleetwatch.db import CATALOG, load_catalog
+
+    parts = [Part.from_row(SimpleNamespace(**r, extra=dict(r))) for r in load_catalog(CATALOG)]
+    params = Params(window_s=10, lateness_s=2, history=48)
+    records = [{"topic": "telemetry", "partition": i % 3, "json": json.loads(v)}
+               for i, (_, v) in enumerate(fleet_messages(30, 240, start=datetime(2026, 3, 1, tzinfo=UTC)))]
+    ahead, plain = Detector(parts, params), Detector(parts, params)
+    plain.precompute = plain.batch_fits = False
+    got, want = _run_batches(ahead, records, 600), _run_batches(plain, records, 600)
+    assert len({w["signal"] for w in got[1] if w["norm_value"] is not None}) >= 6
     assert got == want

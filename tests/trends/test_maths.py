@@ -170,3 +170,25 @@ def test_fitting_many_series_at_once_gives_each_series_own_fit() -> None:
         assert repr(fit_trends(t, y)) == repr(want)  # repr: NaN compares equal to NaN, -0.0 differs from 0.0
         if n >= 3:
             assert sum(f is not None for f in want) >= 8
+
+
+def test_solving_many_regressions_at_once_gives_each_system_own_solution() -> None:
+    from trends.maths import solve_moments, solve_moments_many
+
+    rng = np.random.default_rng(1)
+    for size in (2, 3, 4, 5):
+        k = size - 2
+        systems = np.zeros((300, size * size))
+        for r in range(len(systems)):
+            n = int(rng.integers(1, 200))
+            x = rng.normal(0, rng.choice([1e-6, 1, 100]), (n, k)) * rng.choice([0, 1], k)  # some never vary
+            z = np.column_stack([np.ones(n), x, 3 + (x * rng.normal(size=k)).sum(axis=1) + rng.normal(0, 1, n)])
+            systems[r] = (z.T @ z).ravel() * rng.choice([1.0, 0.9])  # 0.9: moments of decayed samples
+        systems[::17] = 0.0  # nothing learnt yet
+        systems[5::23, 0] = 2.0  # too few samples
+        scales = [float(v) for v in rng.uniform(1, 100, k)]
+        coef, sigma, solved = solve_moments_many(systems, size, scales, 1e-5)
+        got = [(coef[r].tolist(), float(sigma[r])) if solved[r] else None for r in range(len(systems))]
+        want = [solve_moments(row, size, scales, 1e-5) for row in systems.tolist()]
+        assert repr(got) == repr(want)
+        assert 0 < sum(w is None for w in want) < len(want) // 4
