@@ -24,7 +24,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import DateTime, Table, bindparam, insert, inspect, select, text, update
+from sqlalchemy import ARRAY, DateTime, String, Table, any_, bindparam, insert, inspect, select, text, update
+from sqlalchemy import column as sa_column
+from sqlalchemy import table as sa_table
 from sqlalchemy.orm import Session
 
 from fleetwatch.settings import Settings
@@ -169,6 +171,12 @@ class Params:
 def _dt(epoch_s: float) -> datetime:
     """UTC datetime of an epoch second (cached: a fleet's windows share their bounds)."""
     return datetime.fromtimestamp(epoch_s, UTC)
+
+
+@lru_cache(maxsize=4096)
+def _hour(t_h: float) -> float:
+    """A window's mid-time in hours as its trend history keeps it (rounded; cached: a close's windows share it)."""
+    return round(t_h, 4)
 
 
 def _pack(a: np.ndarray) -> str:
@@ -416,16 +424,20 @@ class _Closing:
         self.n_used = a[:, N_USED]
         # Per block layout: (row indices, moment blocks, centring terms); per row: (layout number, position).
         self.blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        self.where: dict[int, tuple[int, int]] = {}
+        self._where: dict[int, tuple[int, int]] | None = None  # built on first use: most rows never need it
         self.fast: dict[int, tuple[float, bool, list[float] | None, tuple[Any, float | None] | None]] = {}
         self.sole: set[int] = set()  # wear-signal rows that are the only closing window of their tractor × signal
         if not len(a):
             return
+        layout = {sig: tuple(at) for sig, at in moment_at.items()}
         by_block: dict[tuple[int, ...], list[int]] = {}
         for row, sig in enumerate(sigs):
-            at = moment_at.get(sig)
+            at = layout.get(sig)
             if at is not None:
-                by_block.setdefault(tuple(at), []).append(row)
+                block = by_block.get(at)
+                if block is None:
+                    block = by_block[at] = []
+                block.append(row)
         nu = a[:, N_USED]
         for at, rows in by_block.items():
             size = math.isqrt(len(at))
@@ -434,19 +446,25 @@ class _Closing:
             first = m[:, :size]
             with np.errstate(divide="ignore", invalid="ignore"):  # n_used = 0: rows the close never centres
                 centring = (first[:, :, None] * first[:, None, :]).reshape(len(idx), -1) / nu[idx, None]
-            number = len(self.blocks)
             self.blocks.append((idx, m, centring))
-            self.where.update((row, (number, pos)) for pos, row in enumerate(rows))
 
     def moments(self, row: int) -> list[float]:
         """A wear-signal row's moment block ((k + 2)², row-major over [1, x, y])."""
-        number, pos = self.where[row]
+        number, pos = self._locate(row)
         return self.blocks[number][1][pos].tolist()
 
     def centring(self, row: int) -> list[float]:
         """A wear-signal row's centring terms, laid out as its moment block."""
-        number, pos = self.where[row]
+        number, pos = self._locate(row)
         return self.blocks[number][2][pos].tolist()
+
+    def _locate(self, row: int) -> tuple[int, int]:
+        """(block layout number, position in it) of a wear-signal row."""
+        if self._where is None:
+            self._where = {}
+            for number, (idx, _, _) in enumerate(self.blocks):
+                self._where.update((row, (number, pos)) for pos, row in enumerate(idx.tolist()))
+        return self._where[row]
 
 
 def _trend_state(fitted: Trend | None, last_t: float) -> list[Any] | None:
@@ -1142,7 +1160,7 @@ class Detector:
             flags.append("rejected")
             cs["rej"] += 1
             rejv = cs.setdefault("rejv", [])
-            rejv.append([round(t_h, 4), a[SUM_REJ] / a[N_REJ]])  # the rejected samples' mean, regression space
+            rejv.append([_hour(t_h), a[SUM_REJ] / a[N_REJ]])  # the rejected samples' mean, regression space
             del rejv[:-p.reject_run]
             if cs["rej"] >= p.reject_run:
                 level = cs["level"]
@@ -1222,7 +1240,7 @@ class Detector:
                 cs["days"] = days_kept
                 flags.append("change")
         hist = cs["hist"]
-        hist.append([round(t_h, 4), norm])
+        hist.append([_hour(t_h), norm])
         del hist[:-p.history]
         # Days: the median of a day's windows; wear shows over days, the daily cycle averages out.
         day = int(t_h // 24)
@@ -1453,6 +1471,11 @@ def _iso(v: Any) -> str:
     return str(v)
 
 
+# Owned by ordering (migrations): only the columns read here, untyped so the driver's values come through as they are.
+_REPLACEMENTS = sa_table("part_replacements", sa_column("tractor_id", String), sa_column("part_id"),
+                         sa_column("installed_at"))
+
+
 def apply_replacements(session: Session, detector: Detector, states: dict[str, dict[str, Any]],
                        reset: set[str] | None = None) -> int:
     """Reset baselines of parts installed since the state last looked (table owned by ordering; plain SQL).
@@ -1461,9 +1484,9 @@ def apply_replacements(session: Session, detector: Detector, states: dict[str, d
     """
     if not states or not _replacements_table(session):
         return 0
-    rows = session.execute(text("SELECT tractor_id, part_id, installed_at FROM part_replacements "
-                                "WHERE tractor_id IN :tids").bindparams(bindparam("tids", expanding=True)),
-                           {"tids": sorted(states)})
+    r = _REPLACEMENTS.c
+    rows = session.execute(select(r.tractor_id, r.part_id, r.installed_at)
+                           .where(_among(r.tractor_id, sorted(states), session)))
     applied = 0
     for tid, part_id, installed_at in rows:
         st = states[tid]
@@ -1528,7 +1551,8 @@ class StateStore:
             return {}
         c = trend_state.c
         pending = self.context.pending_commit if self.context is not None else None
-        tokens = dict(self.session.execute(select(c.tractor_id, c.generation).where(c.tractor_id.in_(keys))).all())
+        tokens = dict(self.session.execute(select(c.tractor_id, c.generation)
+                                           .where(_among(c.tractor_id, keys, self.session))).all())
         out: dict[str, dict[str, Any]] = {}
         missing: list[str] = []
         for k in keys:
@@ -1546,14 +1570,15 @@ class StateStore:
             self.context.wait_for_commit()
             self.context.pending_commit = None
             tokens = dict(self.session.execute(select(c.tractor_id, c.generation)
-                                               .where(c.tractor_id.in_(missing))).all())
+                                               .where(_among(c.tractor_id, missing, self.session))).all())
             missing = [k for k in missing if k in tokens]
         for k in missing:
             self.stored.add(k)
             self.current[k] = tokens[k]
         self.hits += len(out)
         if missing:
-            rows = self.session.execute(select(c.tractor_id, c.state, c.live).where(c.tractor_id.in_(missing)))
+            rows = self.session.execute(select(c.tractor_id, c.state, c.live)
+                                        .where(_among(c.tractor_id, missing, self.session)))
             for k, state, live in rows:
                 st = _decode(state) or {}
                 extra = _decode(live)
@@ -1621,6 +1646,13 @@ class StateStore:
                         c.tractor_id == bindparam("key")).values({col: bindparam(col) for col in cols}), rows)
 
         return write
+
+
+def _among(column: Any, keys: list[str], session: Session) -> Any:
+    """``column IN keys``; on PostgreSQL as ``= ANY(array)``: one parameter, not a thousand bound and compiled."""
+    if session.get_bind().dialect.name == "postgresql":
+        return column == any_(bindparam("among", keys, type_=ARRAY(String)))
+    return column.in_(keys)
 
 
 def _dbapi(session: Session) -> Any:

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from trends.detect import Detector, Params, Part, flatten
 
@@ -182,7 +183,9 @@ def test_state_survives_a_json_round_trip() -> None:
     assert out.windows and all(isinstance(json.dumps(s), str) for s in states.values())
 
 
-def test_an_installed_replacement_resets_the_parts_episode_and_baseline(tmp_path: Any) -> None:
+@pytest.mark.parametrize("database", ["sqlite", pytest.param("postgresql", marks=pytest.mark.services)])
+def test_an_installed_replacement_resets_the_parts_episode_and_baseline(database: str, tmp_path: Any,
+                                                                        request: pytest.FixtureRequest) -> None:
     from sqlalchemy import text
 
     from fleetwatch.db import upgrade
@@ -194,7 +197,8 @@ def test_an_installed_replacement_resets_the_parts_episode_and_baseline(tmp_path
 
     states, _, alerts, _ = run(fleet_records(30, tractors=1, level=level))
     assert alerts and states["T00001"]["episodes"]["OIL-PUMP"]
-    url = f"sqlite:///{tmp_path / 'r.db'}"
+    states["T00002"] = {**states["T00001"], "episodes": {}, "replaced": {}}  # another tractor: not replaced
+    url = f"sqlite:///{tmp_path / 'r.db'}" if database == "sqlite" else request.getfixturevalue("pg_url")
     upgrade(url)
     engine = make_engine(url)
     with make_sessions(engine)() as session:
