@@ -621,15 +621,29 @@ class Detector:
         level = np.zeros(n)
         beta = np.zeros((n, max(ch.k, 1)))
         width = np.full(n, np.inf)
-        learnt = [(i, cs) for i, sig in enumerate(sigs) if (cs := sig.get(ch.signal))
-                  and cs.get("level") is not None and cs.get("beta") is not None]
-        if learnt:  # gathered in lists and stored at once: numpy item assignment per tractor costs more
-            idx = np.fromiter((i for i, _ in learnt), dtype=np.int64, count=len(learnt))
-            level[idx] = [cs["level"] for _, cs in learnt]
+        name = ch.signal
+        at: list[int] = []
+        levels: list[float] = []
+        betas: list[list[float]] = []
+        sigmas: list[float] = []
+        for i, sig in enumerate(sigs):  # one pass, gathered in lists: numpy item assignment per tractor costs more
+            cs = sig.get(name)
+            if not cs:
+                continue
+            lv, b = cs.get("level"), cs.get("beta")
+            if lv is None or b is None:
+                continue
+            at.append(i)
+            levels.append(lv)
+            betas.append(b)
+            sigmas.append(cs["sigma"])
+        if at:
+            idx = np.asarray(at, dtype=np.int64)
+            level[idx] = levels
             if ch.k:
-                beta[idx, :ch.k] = [cs["beta"] for _, cs in learnt]
+                beta[idx, :ch.k] = betas
             # _gate_width for all at once (numpy's maximum and products give the same floats)
-            width[idx] = np.maximum(self.params.gate_sigmas * np.array([cs["sigma"] for _, cs in learnt], dtype=float),
+            width[idx] = np.maximum(self.params.gate_sigmas * np.array(sigmas, dtype=float),
                                     self.params.gate_span * self.spans[ch.signal])
         return level, beta, width
 
