@@ -218,12 +218,13 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main(tractors: int = 1000, seconds: int = 180, live_rate: float = 2000.0, live_seconds: int = 20,
-         repeats: int = 3, pool: int = 2) -> None:
+         repeats: int = 5, pool: int = 2) -> None:
     """Backlog throughput then live latency, ours (PostgreSQL and SQLite) vs Quix Streams, on the bench Kafka.
 
     The backlog runs ``repeats`` rounds of ours on PostgreSQL, ours on SQLite and Quix, one after the other, and
     reports each implementation's median run and the median of the rounds' ratios: one run of each swung the
-    ratio by ±20 % on this machine, where a neighbour's load comes and goes within a minute. Then as many rounds
+    ratio by ±20 % on this machine (one round of three once by 2×), where a neighbour's load comes and goes
+    within a minute, so five rounds by default. Then as many rounds
     of ``pool`` trend workers against ``pool`` Quix processes (0: none), on PostgreSQL.
     """
     clock = Stopwatch()
@@ -333,7 +334,7 @@ if __name__ == "__main__":
     ap.add_argument("--seconds", type=int, default=180)
     ap.add_argument("--live-rate", type=float, default=2000.0)
     ap.add_argument("--live-seconds", type=int, default=20, help="0 skips the live-latency phase")
-    ap.add_argument("--repeats", type=int, default=3, help="backlog rounds (ours PostgreSQL, ours SQLite, Quix)")
+    ap.add_argument("--repeats", type=int, default=5, help="backlog rounds (ours PostgreSQL, ours SQLite, Quix)")
     ap.add_argument("--pool", type=int, default=2, help="workers / Quix processes of the pooled rounds (0: skip)")
     a = ap.parse_args()
     main(a.tractors, a.seconds, a.live_rate, a.live_seconds, a.repeats, a.pool)
