@@ -1030,6 +1030,7 @@ class Detector:
         if not self.precompute:
             return
         nus = c.n_used
+        channel_states = [st["sig"] for st in sts]
         for (idx, m, centring), first in zip(c.blocks, firsts, strict=True):
             size = math.isqrt(m.shape[1])
             k = size - 2
@@ -1042,7 +1043,7 @@ class Detector:
             due = self.params.refit_windows - 1
             first = first[nus[idx[first]] >= 1]
             for pos, row, code in zip(first.tolist(), idx[first].tolist(), codes[idx[first]].tolist(), strict=True):
-                cs = sts[code]["sig"].get(c.sigs[row])
+                cs = channel_states[code].get(c.sigs[row])
                 if cs is None:
                     old, beta, sigma, refit = zeros_s, zeros_b, 0.0, True
                 else:
@@ -1082,10 +1083,11 @@ class Detector:
                 new_s[:, 0] = self.decay * old_a[:, 0] + nu
             # The regression re-solved where the close will (its beta moves the window's level too).
             solve = np.flatnonzero(np.asarray(refits, dtype=bool) & ~noisy & np.isfinite(new_s).all(axis=1))
-            refitted: dict[int, tuple[tuple[list[float], float] | None, float | None]] = {}
+            rows = idx[at].tolist()
+            refitted: list[tuple[tuple[list[float], float] | None, float | None] | None] = [None] * len(rows)
             by_signal: dict[str, list[int]] = {}  # a block's signals share its shape, not their scales
             for i in solve.tolist():
-                by_signal.setdefault(c.sigs[int(idx[at[i]])], []).append(i)
+                by_signal.setdefault(c.sigs[rows[i]], []).append(i)
             for sig, group in by_signal.items():
                 these = np.asarray(group, dtype=np.int64)
                 coef, sig_a, solved = solve_moments_many(new_s[these], size, self.scales_sq[sig], 1e-5)
@@ -1097,9 +1099,8 @@ class Detector:
                 for i, ok, cf, sg, ua in zip(group, solved.tolist(), coef.tolist(), sig_a.tolist(), u_after.tolist(),
                                              strict=True):
                     refitted[i] = ((cf, sg), ua) if ok else (None, None)
-            rows = idx[at].tolist()
-            for i, (row, ur, nz, ns) in enumerate(zip(rows, u.tolist(), noisy.tolist(), new_s.tolist(), strict=True)):
-                c.fast[row] = (ur, nz, None if nz else ns, refitted.get(i))
+            ahead = zip(u.tolist(), noisy.tolist(), new_s.tolist(), refitted, strict=True)
+            c.fast.update(zip(rows, ahead, strict=True))
 
     def _close_channel(self, tid: str, st: dict[str, Any], ch: Channel, w: int, a: list[float], c: _Closing,
                        row: int, r: dict[str, Any], out: Outputs, stuck: bool = False) -> None:
