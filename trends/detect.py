@@ -1017,9 +1017,10 @@ class Detector:
         Only for the first closing window of each tractor × signal (``codes``: each row's index into ``sts``, the
         tractors' states; ``sig_codes``: its signal's number): its channel state is the one before the close, as
         ``_close_channel`` will find it. The arithmetic is ``_close_channel``'s, operation for operation
-        (``_level_and_spread``'s term order, Python's ``max``), so every float is the same; ``c.fast`` gets (level,
-        noisy, moments) per row with n_used ≥ 1. ``c.sole`` gets the rows that are the only closing window of
-        their tractor × signal (``batch_fits``).
+        (``_level_and_spread``'s term order, Python's ``max``, ``solve_moments``' pivots), so every float is the
+        same; ``c.fast`` gets (level, noisy, new moments, (regression, level under it) or None where no refit is
+        due) per row with n_used ≥ 1. ``c.sole`` gets the rows that are the only closing window of their tractor ×
+        signal (``batch_fits``).
         """
         firsts = []
         for idx, _, _ in c.blocks:  # rows in closing order: a key's first row is its earliest window
@@ -1125,7 +1126,8 @@ class Detector:
         elif nu >= 1:
             cs["rej"] = 0
             cs["rejv"] = []
-            # Plain floats: a window's moment block is at most 4 × 4, numpy calls would cost more than the maths.
+            # Worked out ahead (``_precompute``) for a tractor × signal's first closing window; otherwise in plain
+            # floats: a window's moment block is at most 4 × 4, numpy calls would cost more than the maths.
             size = k + 2
             ahead = c.fast.get(row)
             m: list[float] | None = None

@@ -115,8 +115,9 @@ def fit_trends(t_h: np.ndarray, y: np.ndarray) -> list[Trend | None]:
     reductions sum in the same order as a 1-D array's), so each result is the very Trend it returns; a series
     with two points at one time goes through ``fit_trend`` itself.
     """
-    t_h = np.asarray(t_h, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
+    # Contiguous rows: each row's reductions then sum in a 1-D array's order, whatever views the caller passes.
+    t_h = np.ascontiguousarray(t_h, dtype=np.float64)
+    y = np.ascontiguousarray(y, dtype=np.float64)
     m, n = t_h.shape
     if n < 3 or m == 0:
         return [None] * m
