@@ -124,17 +124,18 @@ def fit_trends(t_h: np.ndarray, y: np.ndarray) -> list[Trend | None]:
     i, j = _pairs(n)
     dt = t_h[:, j] - t_h[:, i]
     plain = (dt > 0).all(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    # Rows fit_trend would have turned away early (points at one time: infinite slopes) must not warn here.
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         slope = _medians((y[:, j] - y[:, i]) / dt)
-    intercept = _medians(y - slope[:, None] * t_h)
-    resid = y - (intercept[:, None] + slope[:, None] * t_h)
-    sxx = ((t_h - t_h.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)
-    sq = (resid**2).sum(axis=1)
-    scale = MAD_TO_SIGMA * _medians(np.abs(resid - _medians(resid)[:, None]))
-    if n >= 6:
-        r0 = resid - resid.mean(axis=1, keepdims=True)
-        denom = (r0 * r0).sum(axis=1)
-        lag = (r0[:, 1:] * r0[:, :-1]).sum(axis=1)
+        intercept = _medians(y - slope[:, None] * t_h)
+        resid = y - (intercept[:, None] + slope[:, None] * t_h)
+        sxx = ((t_h - t_h.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)
+        sq = (resid**2).sum(axis=1)
+        scale = MAD_TO_SIGMA * _medians(np.abs(resid - _medians(resid)[:, None]))
+        if n >= 6:
+            r0 = resid - resid.mean(axis=1, keepdims=True)
+            denom = (r0 * r0).sum(axis=1)
+            lag = (r0[:, 1:] * r0[:, :-1]).sum(axis=1)
     out: list[Trend | None] = []
     t95n = t95(n - 2)
     last = t_h[:, -1].tolist()
