@@ -15,7 +15,8 @@ import secrets
 import statistics
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -399,6 +400,14 @@ def _level_and_spread(m: list[float], beta: list[float], k: int, spread: bool = 
     return level, sum(v[i] * v[j] * m[i * size + j] for i in range(1, k + 2) for j in range(1, k + 2))
 
 
+def _levels(m: np.ndarray, beta: np.ndarray, k: int) -> np.ndarray:
+    """``_level_and_spread``'s level for many moment blocks (rows of ``m``) and coefficients at once, same sums."""
+    shifted = np.zeros(len(m))
+    for j in range(k):
+        shifted = shifted + beta[:, j] * m[:, 1 + j]
+    return m[:, k + 1] - shifted
+
+
 class _Closing:
     """The windows a batch closes (accumulator rows in closing order) with their statistics as Python values.
 
@@ -438,7 +447,7 @@ class _Closing:
                 if block is None:
                     block = by_block[at] = []
                 block.append(row)
-        nu = a[:, N_USED]
+        nu = self.n_used
         for at, rows in by_block.items():
             size = math.isqrt(len(at))
             idx = np.asarray(rows, dtype=np.int64)
@@ -468,7 +477,7 @@ class _Closing:
 
 
 def _trend_state(fitted: Trend | None, last_t: float) -> list[Any] | None:
-    """A fitted window trend as a channel state keeps it (with the time of its last point)."""
+    """A fitted trend as a channel state keeps it (with the time of its last point)."""
     if fitted is None:
         return None
     return [fitted.level, fitted.slope, fitted.slope_lo, fitted.slope_hi, fitted.n, fitted.scale, last_t]
@@ -922,12 +931,8 @@ class Detector:
         idx = idx[np.lexsort((keys[idx, 2], keys[idx, 1]))]
         closing = _Closing(acc[idx], keys[idx, 1], [signals[i] for i in keys[idx, 2].tolist()], self._moment_of)
         self._precompute(closing, np.zeros(len(idx), dtype=np.int64), keys[idx, 2], [st])
-        self._fits = [] if self.batch_fits else None
-        try:
+        with self._fits_batched(out):
             self._close_windows(tid, st, closing, 0, len(idx), out)
-            self._flush_fits(out)
-        finally:
-            self._fits = None
 
     def _keep_open(self, tid: str, st: dict[str, Any], w: list[Any], sigs: list[str], kept: np.ndarray) -> None:
         """Store the windows still open (none: ``open`` = None), remembering their decoded accumulators."""
@@ -1000,16 +1005,12 @@ class Detector:
         kept_sig = [signals[i] for i in keys[rest, 2].tolist()]
         closing = _Closing(acc[shut], keys[shut, 1], [signals[i] for i in keys[shut, 2].tolist()], self._moment_of)
         self._precompute(closing, codes[shut], keys[shut, 2], [states[t] for t in tids])
-        self._fits = [] if self.batch_fits else None
-        try:
+        with self._fits_batched(out):
             for code, tid in enumerate(tids):
                 st = states[tid]
                 lo, hi = rest_at[code], rest_at[code + 1]
                 self._keep_open(tid, st, kept_w[lo:hi], kept_sig[lo:hi], kept_acc[lo:hi].copy())
                 self._close_windows(tid, st, closing, shut_at[code], shut_at[code + 1], out)
-            self._flush_fits(out)
-        finally:
-            self._fits = None
 
     def _precompute(self, c: _Closing, codes: np.ndarray, sig_codes: np.ndarray, sts: list[dict[str, Any]]) -> None:
         """Level, noise verdict and new condition moments of closing wear-signal windows, numpy across tractors.
@@ -1065,10 +1066,7 @@ class Detector:
             mm, cc, nu = m[at], centring[at], nus[idx[at]]
             b = np.asarray(betas, dtype=np.float64).reshape(len(at), k)
             sigma_a = np.asarray(sigmas, dtype=np.float64)
-            level = np.zeros(len(at))
-            for j in range(k):
-                level = level + b[:, j] * mm[:, 1 + j]
-            level = mm[:, k + 1] - level
+            level = _levels(mm, b, k)
             v = [np.zeros(len(at)), *(-b[:, j] for j in range(k)), np.ones(len(at))]
             spread = np.zeros(len(at))
             for i in range(1, k + 2):
@@ -1092,11 +1090,8 @@ class Detector:
             for sig, group in by_signal.items():
                 these = np.asarray(group, dtype=np.int64)
                 coef, sig_a, solved = solve_moments_many(new_s[these], size, self.scales_sq[sig], 1e-5)
-                shifted = np.zeros(len(these))
-                for j in range(k):
-                    shifted = shifted + coef[:, 1 + j] * mm[these, 1 + j]
                 with np.errstate(divide="ignore", invalid="ignore"):
-                    u_after = (mm[these, k + 1] - shifted) / nu[these]
+                    u_after = _levels(mm[these], coef[:, 1:], k) / nu[these]
                 for i, ok, cf, sg, ua in zip(group, solved.tolist(), coef.tolist(), sig_a.tolist(), u_after.tolist(),
                                              strict=True):
                     refitted[i] = ((cf, sg), ua) if ok else (None, None)
@@ -1289,16 +1284,24 @@ class Detector:
             dfit = fit_trend(darr[:, 0], darr[:, 1])
             # The last few days alone see accelerating wear sooner; the longer fit stays the default.
             recent = fit_trend(darr[-p.recent_days:, 0], darr[-p.recent_days:, 1])
-            cs["dtrend"] = None if dfit is None else [dfit.level, dfit.slope, dfit.slope_lo, dfit.slope_hi, dfit.n,
-                                                      dfit.scale, float(darr[-1, 0])]
-            cs["rtrend"] = None if recent is None else [recent.level, recent.slope, recent.slope_lo, recent.slope_hi,
-                                                        recent.n, recent.scale, float(darr[-1, 0])]
+            cs["dtrend"] = _trend_state(dfit, float(darr[-1, 0]))
+            cs["rtrend"] = _trend_state(recent, float(darr[-1, 0]))
         judge = cs["base"] is not None and (window_fit or day_closed)
         if deferred:
             assert self._fits is not None
             self._fits.append((cs, hist, (tid, st, cs, ch, day_closed, w, r) if judge else None))
         elif judge:
             self._judge(tid, st, cs, ch, day_closed, w, r, out)
+
+    @contextmanager
+    def _fits_batched(self, out: Outputs) -> Iterator[None]:
+        """A close during which ``_update_trend`` may defer window-trend fits, fitted together at its end."""
+        self._fits = [] if self.batch_fits else None
+        try:
+            yield
+            self._flush_fits(out)
+        finally:
+            self._fits = None
 
     def _flush_fits(self, out: Outputs) -> None:
         """Fit the window trends ``_update_trend`` deferred (numpy across tractors), then judge them in order."""
@@ -1495,7 +1498,7 @@ _REPLACEMENTS = sa_table("part_replacements", sa_column("tractor_id", String), s
 
 def apply_replacements(session: Session, detector: Detector, states: dict[str, dict[str, Any]],
                        reset: set[str] | None = None) -> int:
-    """Reset baselines of parts installed since the state last looked (table owned by ordering; plain SQL).
+    """Reset baselines of parts installed since the state last looked (table owned by ordering, read untyped).
 
     The ids of the tractors whose state changed are added to ``reset`` when given.
     """

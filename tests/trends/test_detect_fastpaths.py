@@ -148,7 +148,7 @@ def test_trend_rows_copied_into_postgresql_read_back_as_inserted_ones(pg_url: st
 
 @pytest.mark.parametrize("batch", [40, 300])
 def test_working_out_first_windows_and_trend_fits_for_all_tractors_at_once_gives_the_window_by_window_close(
-        batch: int) -> None:
+        batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
     # A wearing pump (alerts), a calibration step (rejected windows, a change), a noise burst (noisy windows);
     # batches of 300 close several windows of one tractor at once (only a tractor × signal's first is worked
     # out ahead, and only one closing alone has its trend fitted with the others').
@@ -175,13 +175,10 @@ def test_working_out_first_windows_and_trend_fits_for_all_tractors_at_once_gives
         batched.append(len(self._fits or []))
         flush(self, out)
 
-    Detector._precompute = counting  # type: ignore[method-assign]
-    Detector._flush_fits = counting_fits  # type: ignore[method-assign]
-    try:
-        got = _run_batches(ahead, records, batch)
-    finally:
-        Detector._precompute = precompute  # type: ignore[method-assign]
-        Detector._flush_fits = flush  # type: ignore[method-assign]
+    monkeypatch.setattr(Detector, "_precompute", counting)
+    monkeypatch.setattr(Detector, "_flush_fits", counting_fits)
+    got = _run_batches(ahead, records, batch)
+    monkeypatch.undo()
     want = _run_batches(plain, records, batch)
     flags = {f for w in got[1] for f in w["quality_flags"].split(",") if f}
     assert {"noisy", "rejected", "change"} <= flags and got[2]
